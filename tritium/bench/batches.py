@@ -1,0 +1,104 @@
+"""Random paged-attention batches in vLLM's layout, shared by the kernel benchmark and the tests."""
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass
+class PagedBatch:
+    """One attention call's inputs. Pages are shuffled through the pool; unused cache slots hold NaN,
+    so a kernel that reads past a sequence's context poisons its own output."""
+
+    q: torch.Tensor  # [num_tokens, num_q_heads, head_size]
+    k_cache: torch.Tensor  # [num_blocks, page_size, num_kv_heads, head_size]
+    v_cache: torch.Tensor
+    cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
+    seqused_k: torch.Tensor  # int32 [num_seqs]
+    block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    k_scale: torch.Tensor | None = None  # per-tensor float32 scales of an fp8 cache
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def num_valid_tokens(self) -> int:
+        return int(self.cu_seqlens_q[-1])
+
+    def kernel_args(self, out: torch.Tensor, causal: bool = True, window_size: tuple[int, int] = (-1, -1),
+                    softcap: float = 0.0, softmax_scale: float | None = None) -> tuple:
+        """Positional arguments of `unified_attention`, vLLM's order."""
+        scale = softmax_scale if softmax_scale is not None else self.q.shape[-1] ** -0.5
+        return (self.q, self.k_cache, self.v_cache, out, self.cu_seqlens_q, self.max_seqlen_q, self.seqused_k,
+                self.max_seqlen_k, scale, causal, window_size, self.block_table, softcap, None,
+                self.k_scale, self.v_scale)
+
+
+def random_paged_batch(
+    seqs: list[tuple[int, int]],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    page_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    kv_dtype: torch.dtype | None = None,
+    pad_tokens: int = 0,
+    spare_blocks: int = 2,
+    generator: torch.Generator | None = None,
+) -> PagedBatch:
+    """A batch of sequences given as (query_len, context_len) pairs, context counting the new tokens.
+
+    pad_tokens adds query rows past the last sequence (as a CUDA-graph batch is padded). kv_dtype
+    float8_e4m3fn stores the cache in fp8 with per-tensor scales chosen from the data.
+    """
+    for q_len, ctx in seqs:
+        if not 0 <= q_len <= ctx:
+            raise ValueError(f"each sequence needs 0 <= query_len <= context_len, got ({q_len}, {ctx})")
+    device = torch.device(device)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    num_tokens = sum(q for q, _ in seqs) + pad_tokens
+    blocks_per_seq = [-(-ctx // page_size) for _, ctx in seqs]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    max_blocks = max(blocks_per_seq + [1])
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    q = randn(num_tokens, num_q_heads, head_size).to(dtype)
+    k_cache = torch.full((num_blocks, page_size, num_kv_heads, head_size), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    order = torch.randperm(num_blocks, generator=g)
+    block_table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    taken = 0
+    for i, (_, ctx) in enumerate(seqs):
+        pages = order[taken : taken + blocks_per_seq[i]]
+        taken += blocks_per_seq[i]
+        block_table[i, : len(pages)] = pages.to(torch.int32)
+        for j, page in enumerate(pages.tolist()):
+            used = min(page_size, ctx - j * page_size)
+            k_cache[page, :used] = randn(used, num_kv_heads, head_size)
+            v_cache[page, :used] = randn(used, num_kv_heads, head_size)
+
+    k_scale = v_scale = None
+    if kv_dtype == FP8_KV_DTYPE:
+        k_scale = torch.tensor([k_cache.nan_to_num().abs().max().item() / 224.0], dtype=torch.float32)
+        v_scale = torch.tensor([v_cache.nan_to_num().abs().max().item() / 224.0], dtype=torch.float32)
+        k_cache, v_cache = (k_cache / k_scale).to(kv_dtype), (v_cache / v_scale).to(kv_dtype)
+        k_scale, v_scale = k_scale.to(device), v_scale.to(device)
+    else:
+        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+
+    cu = [0]
+    for q_len, _ in seqs:
+        cu.append(cu[-1] + q_len)
+    return PagedBatch(
+        q=q.to(device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        seqused_k=torch.tensor([ctx for _, ctx in seqs], dtype=torch.int32, device=device),
+        block_table=block_table.to(device),
+        max_seqlen_q=max([q for q, _ in seqs] + [0]), max_seqlen_k=max([c for _, c in seqs] + [0]),
+        k_scale=k_scale, v_scale=v_scale,
+    )

@@ -1,0 +1,20 @@
+"""The card's two ceilings, measured in the same run as the kernels: bf16 GEMM rate and copy bandwidth."""
+
+import torch
+from triton.testing import do_bench
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """TFLOP/s of an 8192^3 bf16 matmul and TB/s of a 1 GiB device-to-device copy (read + write)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    gemm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    del a, b
+    src = torch.randn(2**29, device=device, dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return {
+        "bf16_gemm_tflops": 2 * n**3 / gemm_ms / 1e9,
+        "copy_tb_per_s": 2 * src.numel() * src.element_size() / copy_ms / 1e9,
+    }

@@ -1,0 +1,186 @@
+"""`tritium bench kernels`: the scenario suite, Tritium and its peers timed in one process on one card.
+
+Every peer's output is checked against the PyTorch reference on a sample of rows before it is timed;
+the report gives ms per peer, Tritium's TFLOP/s, TB/s and share of the floor, and speed relative to
+FlashAttention-3 (FA3 time / Tritium time).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tritium.bench.batches import PagedBatch, random_paged_batch
+from tritium.bench.ceilings import measure_ceilings
+from tritium.bench.environment import describe_environment
+from tritium.bench.peers import available_peers
+from tritium.bench.plots import plot_speed_vs_baseline
+from tritium.bench.scenarios import Scenario, load_scenarios
+from tritium.ops.attention.reference import attention_reference
+
+BASELINE = "fa3"
+ERROR_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
+SAMPLE_ROWS = 64  # query rows checked per sampled sequence
+
+
+def run_kernel_bench(
+    scenario_names: list[str] | None = None,
+    page_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    quick: bool = False,
+    peer_names: list[str] | None = None,
+    out_dir: Path = Path("benchmarks/results"),
+) -> dict:
+    """Run the suite and write JSON + PNG into out_dir; returns the report."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    interpreted = device.type != "cuda"
+    if interpreted:
+        print("No CUDA device: running the shrunk suite through Triton's interpreter on the CPU. "
+              "The timings measure the interpreter, not a GPU; the correctness checks are real.")
+        if dtype == torch.bfloat16:
+            dtype = torch.float16  # the interpreter has been seen computing bf16 dots wrongly
+    scenarios = _select(load_scenarios(), scenario_names)
+    if quick or interpreted:
+        scenarios = [s.shrunk() for s in scenarios]
+    peers, missing = available_peers(device, peer_names)
+    env = describe_environment(device)
+    ceilings = measure_ceilings(device) if not interpreted else None
+    report = {"environment": env, "page_size": page_size, "dtype": str(dtype).removeprefix("torch."),
+              "quick": quick or interpreted, "interpreted": interpreted, "ceilings": ceilings,
+              "peers": {p.name: p.description for p in peers}, "peers_missing": missing, "scenarios": []}
+
+    for sc in tqdm(scenarios, desc="scenarios", unit="scenario"):
+        batch = random_paged_batch(list(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size,
+                                   dtype=dtype, device=device)
+        rows, ref = _reference_sample(batch, sc)
+        row = {"name": sc.name, "flops": sc.flops(), "bytes": sc.bytes(elem=batch.q.element_size()),
+               "ms": {}, "rel_err": {}, "errors": {}}
+        for peer in peers:
+            try:
+                built = peer.build(batch, sc)
+                if built is None:
+                    continue
+                run, result = built
+                run()
+                _sync(device)
+                got = result()[rows].double()
+                row["rel_err"][peer.name] = ((got - ref).norm() / ref.norm()).item()
+                row["ms"][peer.name] = _time(run, device)
+            except Exception as exc:  # a peer failing one scenario is reported, not fatal
+                row["errors"][peer.name] = f"{type(exc).__name__}: {exc}"[:300]
+        if ceilings:
+            row["floor_ms"] = max(row["flops"] / (ceilings["bf16_gemm_tflops"] * 1e9),
+                                  row["bytes"] / (ceilings["copy_tb_per_s"] * 1e9))
+        report["scenarios"].append(row)
+        del batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    bound = ERROR_BOUND[dtype]
+    print(format_table(report, bound))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(report)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    title = f"{env['card']}, {report['dtype']}, page {page_size}, torch {env['torch']}, triton {env['triton']}, " \
+            f"{env['date']}, commit {env['commit']}"
+    baseline = BASELINE if any(BASELINE in r["ms"] for r in report["scenarios"]) else "tritium"
+    plot_speed_vs_baseline(report["scenarios"], baseline, title, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.json and .png")
+    return report
+
+
+def format_table(report: dict, bound: float) -> str:
+    """Tritium's ms, TFLOP/s, TB/s, % of floor and speed vs FA3, then each peer's ms; '!' marks a failed check."""
+    peers = [p for p in report["peers"] if p != "tritium"]
+    head = ["scenario", "tritium ms", "TFLOP/s", "TB/s", "% floor", f"vs {BASELINE}"] + [f"{p} ms" for p in peers]
+    lines = []
+    for r in report["scenarios"]:
+        ms = r["ms"].get("tritium")
+        cells = [r["name"]]
+        if ms is None:
+            cells += ["-"] * 5
+        else:
+            floor = r.get("floor_ms")
+            base = r["ms"].get(BASELINE)
+            cells += [_ms(ms, r, "tritium", bound), f"{r['flops'] / ms / 1e9:.0f}", f"{r['bytes'] / ms / 1e9:.2f}",
+                      f"{100 * floor / ms:.0f}%" if floor else "-", f"{base / ms:.2f}x" if base else "-"]
+        cells += [_ms(r["ms"].get(p), r, p, bound) for p in peers]
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+    env = report["environment"]
+    text = [f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {report['dtype']} | page "
+            f"{report['page_size']} | {env['date']} | commit {env['commit']}"]
+    if report["ceilings"]:
+        c = report["ceilings"]
+        text.append(f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, copy {c['copy_tb_per_s']:.2f} TB/s")
+    text += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
+    if report["peers_missing"]:
+        text.append("not run: " + "; ".join(report["peers_missing"]))
+    failures = [f"{r['name']}: {p}: {e}" for r in report["scenarios"] for p, e in r["errors"].items()]
+    text += [f"error: {f}" for f in failures]
+    return "\n".join(text)
+
+
+def _ms(ms: float | None, row: dict, peer: str, bound: float) -> str:
+    if ms is None:
+        return "x" if peer in row["errors"] else "-"
+    return f"{ms:.4f}" + ("!" if row["rel_err"].get(peer, 0.0) > bound else "")
+
+
+def _select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]:
+    if not names:
+        return scenarios
+    chosen = [s for s in scenarios if any(n.lower() in s.name.lower() for n in names)]
+    if not chosen:
+        known = ", ".join(s.name for s in scenarios)
+        raise ValueError(f"no scenario matches {names}; the suite has: {known}")
+    return chosen
+
+
+def _reference_sample(batch: PagedBatch, sc: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference rows for the last SAMPLE_ROWS queries of the first, middle and last sequences.
+
+    The last rows of a sequence are themselves a valid chunk (bottom-right alignment), so the reference
+    runs on a small batch of those chunks instead of the whole scenario.
+    """
+    n = len(sc.seqs)
+    picked = sorted({0, n // 2, n - 1})
+    cu = batch.cu_seqlens_q.tolist()
+    rows, cu_sub = [], [0]
+    for i in picked:
+        take = min(SAMPLE_ROWS, cu[i + 1] - cu[i])
+        rows.extend(range(cu[i + 1] - take, cu[i + 1]))
+        cu_sub.append(cu_sub[-1] + take)
+    rows_t = torch.tensor(rows, device=batch.q.device)
+    idx = torch.tensor(picked, device=batch.q.device)
+    ref, _ = attention_reference(
+        batch.q[rows_t], batch.k_cache, batch.v_cache, torch.tensor(cu_sub, dtype=torch.int32),
+        batch.seqused_k[idx], batch.block_table[idx], batch.q.shape[-1] ** -0.5, window_size=sc.window_size,
+        k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=torch.float32 if batch.q.is_cuda else torch.float64)
+    return rows_t, ref.double()
+
+
+def _time(run, device: torch.device) -> float:
+    """Median milliseconds: CUDA events with the L2 flushed (do_bench) on a GPU; one wall-clock run otherwise."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(run, warmup=25, rep=100, return_mode="median")
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stem(report: dict) -> str:
+    card = report["environment"]["card"].replace(" ", "_").replace("(", "").replace(")", "")
+    date = report["environment"]["date"][:10]
+    quick = "-quick" if report["quick"] else ""
+    return f"kernels-{card}-{report['dtype']}-page{report['page_size']}{quick}-{date}"

@@ -1,0 +1,29 @@
+"""Charts for benchmark reports (PNG, via matplotlib's non-interactive backend)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Path) -> None:
+    """One group of bars per scenario: each peer's speed relative to `baseline` (baseline time / peer time)."""
+    peers = sorted({p for r in rows for p in r["ms"] if p != baseline}, key=lambda p: (p != "tritium", p))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
+    width = 0.8 / max(1, len(peers))
+    for i, peer in enumerate(peers):
+        speeds = [r["ms"][baseline] / r["ms"][peer] if baseline in r["ms"] and peer in r["ms"] else 0 for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], speeds, width, label=peer)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(peers) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels([r["name"] for r in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"speed vs {baseline} ({baseline} ms / peer ms, higher is better)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,332 @@
+"""The unified paged-attention kernel: one launch for prefills, prefill chunks, decodes and speculative tokens.
+
+Work layout. A program owns one query tile of one sequence for one KV head and (optionally) one slice of
+the keys. The tile's BLOCK_M rows pack TOKENS_PER_TILE query tokens times the GROUP query heads that share
+the KV head: row r is token `r // GROUP`, head `r % GROUP`. Every K/V tile that is loaded therefore serves
+all heads of its group. Rows past TOKENS_PER_TILE * GROUP are padding and are never stored.
+
+Grid: (tile slots, KV heads, key splits). The tile-slot count is a static bound (num_tokens //
+TOKENS_PER_TILE + num_seqs), so the grid never depends on sequence lengths and the launch can be captured
+in a CUDA graph; programs whose slot holds no tile exit at once. A program finds its sequence by binary
+search over `cu_seqlens_q[i] // TOKENS_PER_TILE + i`, which bounds from above where sequence i's tiles start.
+
+Within a sequence tiles run last-first, so under causal masking the heaviest tiles start first.
+The keys a tile needs are cut into three runs of TILE_K-wide tiles: a masked run at the lower edge
+(sliding window), an unmasked middle, and a masked run at the upper edge (causal diagonal, window's
+right edge, end of context). Only the edge runs pay for masks.
+
+Scores are kept in log2 units: the softmax scale (times the fp8 K scale) and log2(e) are folded into one
+multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium.ops.attention.configs import AttentionConfig
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q,
+    k_cache_ptr, v_cache_ptr, block_table_row_ptr,
+    key_start, key_end, context_len,
+    query_pos, alibi_slope,
+    qk_scale, softcap, window_left, window_right,
+    stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+    offs_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Fold keys [key_start, key_end) (a whole number of TILE_K tiles) into the running softmax state."""
+    offs_t = tl.arange(0, TILE_K)
+    for tile_start in range(key_start, key_end, TILE_K):
+        offs_k = tile_start + offs_t
+        if MASKED:
+            in_context = offs_k < context_len
+            page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=in_context, other=0)
+        else:
+            page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE)
+        page = page.to(tl.int64)
+        slot = offs_k % PAGE_SIZE
+        k_offs = page * stride_k_block + slot * stride_k_slot
+        v_offs = page * stride_v_block + slot * stride_v_slot
+        # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
+        k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
+        v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
+        if MASKED:
+            if HEAD_DIM == HEAD_DIM_PAD:
+                k = tl.load(k_ptrs, mask=in_context[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=in_context[:, None], other=0.0)
+            else:
+                d_ok = offs_d < HEAD_DIM
+                k = tl.load(k_ptrs, mask=in_context[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=in_context[:, None] & d_ok[None, :], other=0.0)
+        else:
+            if HEAD_DIM == HEAD_DIM_PAD:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                d_ok = offs_d < HEAD_DIM
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        if USE_SOFTCAP:
+            # softcap * tanh(s / softcap), with tanh written through exp2 so that it runs everywhere.
+            e = tl.exp2(s * (2.0 * LOG2E) / softcap)
+            s = (softcap * LOG2E) * (1.0 - 2.0 / (e + 1.0))
+        if USE_ALIBI:
+            s += (alibi_slope * LOG2E)[:, None] * (offs_k[None, :] - query_pos[:, None]).to(tl.float32)
+        if MASKED:
+            visible = in_context[None, :]
+            if CAUSAL:
+                visible = visible & (offs_k[None, :] <= query_pos[:, None])
+            if USE_WINDOW:
+                if window_left >= 0:
+                    visible = visible & (offs_k[None, :] >= query_pos[:, None] - window_left)
+                if window_right >= 0:
+                    visible = visible & (offs_k[None, :] <= query_pos[:, None] + window_right)
+            s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def unified_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+    partial_out_ptr, partial_lse_ptr,
+    cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
+    alibi_slopes_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
+    softmax_scale, softcap, window_left, window_right,
+    num_seqs, num_q_heads, num_tokens,
+    stride_q_token, stride_q_head,
+    stride_o_token, stride_o_head,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
+    stride_bt_seq, stride_lse_head,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    tile_slot = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which sequence owns this tile slot: the last i with cu_seqlens_q[i] // TOKENS_PER_TILE + i <= slot.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_q_ptr + mid) // TOKENS_PER_TILE + mid <= tile_slot:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    num_seq_tiles = (q_len + TOKENS_PER_TILE - 1) // TOKENS_PER_TILE
+    local_slot = tile_slot - (q_start // TOKENS_PER_TILE + seq)
+    if local_slot >= num_seq_tiles:
+        return
+    tile = num_seq_tiles - 1 - local_slot  # last tile first: under a causal mask it is the heaviest
+    context_len = tl.load(seqused_k_ptr + seq)
+    prefix_len = context_len - q_len  # bottom-right alignment: query token t sits at prefix_len + t
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_token = tile * TOKENS_PER_TILE + offs_m // GROUP
+    row_head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < TOKENS_PER_TILE * GROUP) & (row_token < q_len)
+    query_pos = prefix_len + row_token
+
+    q_ptrs = (q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_q_token
+              + (row_head * stride_q_head)[:, None] + offs_d[None, :])
+    if HEAD_DIM == HEAD_DIM_PAD:
+        q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+    qk_scale = softmax_scale
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if not USE_SOFTCAP:
+        qk_scale = qk_scale * LOG2E
+    alibi_slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        alibi_slope = tl.load(alibi_slopes_ptr + row_head, mask=row_valid, other=0.0).to(tl.float32)
+
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) defined for rows that see no key yet.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_SINKS:
+        if split == 0:  # the sink is one more logit in the softmax: count it in exactly one split
+            m_i = tl.load(sinks_ptr + row_head, mask=row_valid, other=-1.0e30).to(tl.float32) * LOG2E
+            l_i = tl.where(row_valid, 1.0, 0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    # Keys any row of the tile may see, and the keys every row sees (no mask needed there).
+    first_pos = prefix_len + tile * TOKENS_PER_TILE
+    last_pos = prefix_len + tl.minimum(tile * TOKENS_PER_TILE + TOKENS_PER_TILE, q_len) - 1
+    key_hi = context_len
+    full_hi = context_len
+    key_lo = context_len * 0
+    full_lo = context_len * 0
+    if CAUSAL:
+        key_hi = tl.minimum(key_hi, last_pos + 1)
+        full_hi = tl.minimum(full_hi, first_pos + 1)
+    if USE_WINDOW:
+        if window_left >= 0:
+            key_lo = tl.maximum(first_pos - window_left, 0)
+            full_lo = tl.maximum(last_pos - window_left, 0)
+        if window_right >= 0:
+            key_hi = tl.minimum(key_hi, last_pos + window_right + 1)
+            full_hi = tl.minimum(full_hi, first_pos + window_right + 1)
+    key_lo = (key_lo // TILE_K) * TILE_K
+    key_hi = tl.maximum(key_hi, key_lo)
+    unmasked_lo = tl.maximum((full_lo + TILE_K - 1) // TILE_K * TILE_K, key_lo)
+    unmasked_hi = (full_hi // TILE_K) * TILE_K
+    if unmasked_hi <= unmasked_lo:
+        unmasked_lo = key_lo
+        unmasked_hi = key_lo
+    if NUM_SPLITS > 1:
+        key_tiles = (key_hi - key_lo + TILE_K - 1) // TILE_K
+        tiles_per_split = (key_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+        split_lo = key_lo + split * tiles_per_split * TILE_K
+        split_hi = tl.minimum(split_lo + tiles_per_split * TILE_K, key_hi)
+        key_lo = tl.minimum(split_lo, key_hi)
+        key_hi = tl.maximum(split_hi, key_lo)
+        unmasked_lo = tl.minimum(tl.maximum(unmasked_lo, key_lo), key_hi)
+        unmasked_hi = tl.maximum(tl.minimum(unmasked_hi, key_hi), unmasked_lo)
+
+    block_table_row_ptr = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_head_ptr = k_cache_ptr + kv_head * stride_k_head
+    v_head_ptr = v_cache_ptr + kv_head * stride_v_head
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
+        qk_scale, softcap, window_left, window_right,
+        stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
+        qk_scale, softcap, window_left, window_right,
+        stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
+        qk_scale, softcap, window_left, window_right,
+        stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if KV_SCALED:
+        out = out * tl.load(v_scale_ptr)
+    lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    token = q_start + row_token
+    if NUM_SPLITS == 1:
+        o_ptrs = (out_ptr + token.to(tl.int64)[:, None] * stride_o_token
+                  + (row_head * stride_o_head)[:, None] + offs_d[None, :])
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+        if WRITE_LSE:
+            tl.store(lse_ptr + row_head * stride_lse_head + token, lse2 / LOG2E, mask=row_valid)
+    else:
+        # Partials: out [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32, lse (log2) likewise.
+        row = (split * num_tokens + token).to(tl.int64) * num_q_heads + row_head
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=row_valid[:, None])
+        tl.store(partial_lse_ptr + row, lse2, mask=row_valid)
+
+
+@triton.jit
+def merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr,
+    num_seqs, num_tokens, num_q_heads,
+    stride_o_token, stride_o_head, stride_lse_head,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Combine the key splits of one (token, head): a softmax-weighted sum of the partial outputs."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
+        return  # padding token past the batch: never written
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row = (offs_s * num_tokens + token).to(tl.int64) * num_q_heads + head
+    lse2 = tl.load(partial_lse_ptr + row, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw (never for valid input) stays finite
+    weight = tl.exp2(lse2 - m)
+    total = tl.sum(weight, 0)
+    parts = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                    mask=(offs_s < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(parts * (weight / total)[:, None], 0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_o_token + head * stride_o_head + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if WRITE_LSE:
+        tl.store(lse_ptr + head * stride_lse_head + token, (m + tl.log2(total)) / LOG2E)
+
+
+def launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
+    alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+    softmax_scale: float, softcap: float, window: tuple[int, int], causal: bool, config: AttentionConfig,
+) -> None:
+    """Launch on already validated arguments: the attention kernel, then the split merge when splitting."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.numel() - 1
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    tokens_per_tile = config.block_m // group
+    splits = config.num_splits
+    partial_out = partial_lse = q  # placeholders, never touched without splits
+    if splits > 1:
+        partial_out = torch.empty(splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
+    unused = q  # pointer for switched-off features
+    grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
+    unified_attention_kernel[grid](
+        q, k_cache, v_cache, out, unused if lse is None else lse,
+        partial_out, partial_lse,
+        cu_seqlens_q, seqused_k, block_table,
+        unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
+        unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
+        softmax_scale, softcap, window[0], window[1],
+        num_seqs, num_q_heads, num_tokens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0), 0 if lse is None else lse.stride(0),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
+        BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
+        NUM_SPLITS=splits, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
+        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
+        WRITE_LSE=lse is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        merge_splits_kernel[(num_tokens, num_q_heads)](
+            partial_out, partial_lse, out, unused if lse is None else lse, cu_seqlens_q,
+            num_seqs, num_tokens, num_q_heads,
+            out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits), WRITE_LSE=lse is not None,
+            num_warps=4 if head_dim_pad >= 128 else 2,
+        )
