@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     suites = bench.add_subparsers(dest="suite", required=True)
     kernels = suites.add_parser("kernels", help="the attention scenario suite against FlashAttention-3 and others")
     kernels.add_argument("--quick", action="store_true",
-                         help="shrunk scenarios (always so without a GPU, where the kernels run in Triton's interpreter)")
+                         help="shrunk scenarios (always so without a GPU: kernels then run in Triton's interpreter)")
     kernels.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (default 16)")
     kernels.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     kernels.add_argument("--scenario", action="append", metavar="TEXT",
@@ -23,8 +23,24 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--peer", action="append", metavar="NAME", help="time only these peers (repeatable)")
     kernels.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
 
+    tune = commands.add_parser("tune", help="tune the attention kernel for this GPU and cache the winning configs")
+    tune.add_argument("--scenario", action="append", metavar="TEXT", help="tune only matching scenarios (repeatable)")
+    tune.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (default 16)")
+    tune.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    tune.add_argument("--cache", type=Path, default=None,
+                      help="JSON file to merge the winners into (default: the user cache the kernel reads)")
+
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.suite == "kernels":
+    if args.command == "tune":
+        import torch
+
+        from tritium.bench.tune import tune as run_tune
+
+        try:
+            run_tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
+        except (ValueError, RuntimeError) as exc:
+            parser.exit(2, f"tritium tune: {exc}\n")
+    elif args.command == "bench" and args.suite == "kernels":
         if args.page_size < 1:
             parser.error(f"--page-size must be a positive number of tokens, got {args.page_size}")
         import torch

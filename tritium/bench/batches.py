@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tritium.ops.attention.reference import attention_reference
+
 FP8_KV_DTYPE = torch.float8_e4m3fn
 
 
@@ -102,3 +104,29 @@ def random_paged_batch(
         max_seqlen_q=max([q for q, _ in seqs] + [0]), max_seqlen_k=max([c for _, c in seqs] + [0]),
         k_scale=k_scale, v_scale=v_scale,
     )
+
+
+def reference_sample(
+    batch: PagedBatch, window_size: tuple[int, int] = (-1, -1), rows_per_seq: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices, and reference rows (float64) for them: the last `rows_per_seq` queries of the first,
+    middle and last sequences.
+
+    The last rows of a sequence are themselves a valid chunk (bottom-right alignment), so the reference
+    runs on a small batch of those chunks instead of the whole scenario.
+    """
+    n = batch.seqused_k.numel()
+    picked = sorted({0, n // 2, n - 1})
+    cu = batch.cu_seqlens_q.tolist()
+    rows, cu_sub = [], [0]
+    for i in picked:
+        take = min(rows_per_seq, cu[i + 1] - cu[i])
+        rows.extend(range(cu[i + 1] - take, cu[i + 1]))
+        cu_sub.append(cu_sub[-1] + take)
+    rows_t = torch.tensor(rows, device=batch.q.device)
+    idx = torch.tensor(picked, device=batch.q.device)
+    ref, _ = attention_reference(
+        batch.q[rows_t], batch.k_cache, batch.v_cache, torch.tensor(cu_sub, dtype=torch.int32),
+        batch.seqused_k[idx], batch.block_table[idx], batch.q.shape[-1] ** -0.5, window_size=window_size,
+        k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=torch.float32 if batch.q.is_cuda else torch.float64)
+    return rows_t, ref.double()

@@ -10,7 +10,6 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     gemm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    del a, b
     src = torch.randn(2**29, device=device, dtype=torch.float16)  # 1 GiB
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")

@@ -12,17 +12,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tritium.bench.batches import PagedBatch, random_paged_batch
+from tritium.bench.batches import random_paged_batch, reference_sample
 from tritium.bench.ceilings import measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.peers import available_peers
 from tritium.bench.plots import plot_speed_vs_baseline
 from tritium.bench.scenarios import Scenario, load_scenarios
-from tritium.ops.attention.reference import attention_reference
 
 BASELINE = "fa3"
 ERROR_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
-SAMPLE_ROWS = 64  # query rows checked per sampled sequence
 
 
 def run_kernel_bench(
@@ -54,7 +52,7 @@ def run_kernel_bench(
     for sc in tqdm(scenarios, desc="scenarios", unit="scenario"):
         batch = random_paged_batch(list(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size,
                                    dtype=dtype, device=device)
-        rows, ref = _reference_sample(batch, sc)
+        rows, ref = reference_sample(batch, sc.window_size)
         row = {"name": sc.name, "flops": sc.flops(), "bytes": sc.bytes(elem=batch.q.element_size()),
                "ms": {}, "rel_err": {}, "errors": {}}
         for peer in peers:
@@ -109,7 +107,9 @@ def format_table(report: dict, bound: float) -> str:
         cells += [_ms(r["ms"].get(p), r, p, bound) for p in peers]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+
+    def fmt(cells: list) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     env = report["environment"]
     text = [f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {report['dtype']} | page "
             f"{report['page_size']} | {env['date']} | commit {env['commit']}"]
@@ -138,29 +138,6 @@ def _select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario
         known = ", ".join(s.name for s in scenarios)
         raise ValueError(f"no scenario matches {names}; the suite has: {known}")
     return chosen
-
-
-def _reference_sample(batch: PagedBatch, sc: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference rows for the last SAMPLE_ROWS queries of the first, middle and last sequences.
-
-    The last rows of a sequence are themselves a valid chunk (bottom-right alignment), so the reference
-    runs on a small batch of those chunks instead of the whole scenario.
-    """
-    n = len(sc.seqs)
-    picked = sorted({0, n // 2, n - 1})
-    cu = batch.cu_seqlens_q.tolist()
-    rows, cu_sub = [], [0]
-    for i in picked:
-        take = min(SAMPLE_ROWS, cu[i + 1] - cu[i])
-        rows.extend(range(cu[i + 1] - take, cu[i + 1]))
-        cu_sub.append(cu_sub[-1] + take)
-    rows_t = torch.tensor(rows, device=batch.q.device)
-    idx = torch.tensor(picked, device=batch.q.device)
-    ref, _ = attention_reference(
-        batch.q[rows_t], batch.k_cache, batch.v_cache, torch.tensor(cu_sub, dtype=torch.int32),
-        batch.seqused_k[idx], batch.block_table[idx], batch.q.shape[-1] ** -0.5, window_size=sc.window_size,
-        k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=torch.float32 if batch.q.is_cuda else torch.float64)
-    return rows_t, ref.double()
 
 
 def _time(run, device: torch.device) -> float:

@@ -46,7 +46,8 @@ class Scenario:
         tokens = sum(q for q, _ in self.seqs)
         keys = sum(ctx if self.sliding_window is None else min(ctx, self.sliding_window + q - 1)
                    for q, ctx in self.seqs)
-        return 2 * tokens * self.num_q_heads * self.head_size * elem + 2 * keys * self.num_kv_heads * self.head_size * kv_elem
+        q_and_out = 2 * tokens * self.num_q_heads * self.head_size * elem
+        return q_and_out + 2 * keys * self.num_kv_heads * self.head_size * kv_elem
 
     def shrunk(self, factor: int = 64, max_seqs: int = 4) -> "Scenario":
         """A small version of the same shape of work, for the interpreter on a CPU."""

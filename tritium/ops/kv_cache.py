@@ -64,7 +64,8 @@ def write_kv_cache(
         raise ValueError(f"k_cache and v_cache must be matching [num_blocks, block_size, num_kv_heads, head_size], "
                          f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
     if k_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(f"key has heads x head_size {tuple(key.shape[1:])} but the cache holds {tuple(k_cache.shape[2:])}")
+        raise ValueError(f"key has (heads, head_size) {tuple(key.shape[1:])} but the cache holds "
+                         f"{tuple(k_cache.shape[2:])}")
     if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32/int64 of shape ({key.shape[0]},), "
                          f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
@@ -85,7 +86,8 @@ def write_kv_cache(
         key, value, k_cache, v_cache, slot_mapping,
         k_scale if quantize else key, v_scale if quantize else key,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), PAGE_SIZE=k_cache.shape[1], QUANTIZE=quantize,
     )

@@ -4,7 +4,15 @@ The choice uses only static facts (token count, sequence count, heads, head size
 values of sequence lengths, so one choice holds for every replay of a captured CUDA graph.
 """
 
+import functools
+import json
+import math
+import os
+import re
+import warnings
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 import triton
@@ -12,6 +20,7 @@ import triton
 # Programs per multiprocessor that a decode batch should offer before its keys are split.
 _SPLIT_TARGET_PER_SM = 2
 _MAX_SPLITS = 16
+_DECODE_CLASS = re.compile(r"decode-q(?P<q>\d+)-p(?P<p>\d+)-(?P<shape>g\d+-d\d+)")
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,17 @@ def multiprocessor_count(device: torch.device) -> int:
 def choose_config(
     device: torch.device, num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
 ) -> AttentionConfig:
-    """A good configuration for this batch shape on this device."""
+    """The tuned configuration for this batch's problem class on this device, else one derived from its shape."""
+    tuned = lookup_tuned(device, problem_class(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim))
+    if tuned is not None:
+        return tuned
+    return default_config(device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
+
+
+def default_config(
+    device: torch.device, num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+) -> AttentionConfig:
+    """A configuration derived from the batch shape and the device's multiprocessor count alone."""
     group = num_q_heads // num_kv_heads
     tokens_per_seq = max(1, -(-num_tokens // max(num_seqs, 1)))
     rows = triton.next_power_of_2(group * tokens_per_seq)
@@ -67,6 +86,80 @@ def choose_config(
     block_m = max(64 if large_head else 128, triton.next_power_of_2(group))
     return AttentionConfig(block_m=block_m, tile_k=64 if not large_head else 32, num_splits=1,
                            num_warps=8 if block_m >= 128 else 4, num_stages=3 if not large_head else 2)
+
+
+def problem_class(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """The key under which tuned configs are stored, e.g. `decode-q1-p512-g4-d128` or `prefill-g4-d128`.
+
+    Decode-like batches (at most 8 query tokens per sequence) are keyed by query tokens per sequence and by
+    the count of (sequence, KV head) programs, which decides how far keys should be split.
+    """
+    group = num_q_heads // num_kv_heads
+    per_seq = -(-num_tokens // max(num_seqs, 1))
+    shape = f"g{group}-d{triton.next_power_of_2(head_dim)}"
+    if per_seq <= 8:
+        programs = triton.next_power_of_2(max(1, num_seqs * num_kv_heads))
+        return f"decode-q{triton.next_power_of_2(per_seq)}-p{programs}-{shape}"
+    return f"{'mixed' if per_seq <= 256 else 'prefill'}-{shape}"
+
+
+def device_key(device: torch.device) -> str:
+    """What a tuned table is keyed by: vendor, name, architecture and multiprocessor count."""
+    if device.type != "cuda":
+        return "cpu"
+    p = torch.cuda.get_device_properties(device)
+    vendor = "amd" if torch.version.hip else "nvidia"
+    return f"{vendor}:{p.name}:cc{p.major}{p.minor}:sm{p.multi_processor_count}"
+
+
+def user_cache_path() -> Path:
+    """Where `tritium tune` writes: $TRITIUM_CACHE_DIR, else $XDG_CACHE_HOME/tritium, else ~/.cache/tritium."""
+    root = os.environ.get("TRITIUM_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritium"
+    return Path(root) / "attention_configs.json"
+
+
+def load_tables() -> dict[str, dict[str, dict]]:
+    """The shipped table overlaid with the user's tuned cache: {device_key: {problem_class: config fields}}."""
+    tables = json.loads(resources.files("tritium.ops.attention").joinpath("tuned_configs.json").read_text())
+    path = user_cache_path()
+    if path.is_file():
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"ignoring unreadable tuned-config cache {path}: {exc}", stacklevel=2)
+            user = {}
+        for key, classes in user.items():
+            tables.setdefault(key, {}).update(classes)
+    return tables
+
+
+@functools.cache
+def _device_table(key: str) -> dict[str, dict]:
+    return load_tables().get(key, {})
+
+
+def lookup_tuned(device: torch.device, cls: str) -> AttentionConfig | None:
+    """The tuned config for a problem class. A decode class missing from the table borrows the entry of the
+    nearest program-count bucket of the same shape, its split count scaled to keep the total programs."""
+    table = _device_table(device_key(device))
+    if cls in table:
+        return AttentionConfig(**table[cls])
+    wanted = _DECODE_CLASS.fullmatch(cls)
+    if wanted is None:
+        return None
+    near = []
+    for key in table:
+        m = _DECODE_CLASS.fullmatch(key)
+        if m and (m["q"], m["shape"]) == (wanted["q"], wanted["shape"]):
+            near.append((abs(math.log2(int(m["p"]) / int(wanted["p"]))), int(m["p"]), key))
+    if not near:
+        return None
+    _, programs, key = min(near)
+    fields = dict(table[key])
+    fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * programs / int(wanted["p"]))))
+    return AttentionConfig(**fields)
 
 
 def _splits(device: torch.device, num_tokens: int, num_seqs: int, num_kv_heads: int, group: int) -> int:

@@ -38,6 +38,7 @@ def _attend_tiles(
     stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
     offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -45,15 +46,33 @@ def _attend_tiles(
     offs_t = tl.arange(0, TILE_K)
     for tile_start in range(key_start, key_end, TILE_K):
         offs_k = tile_start + offs_t
-        if MASKED:
-            in_context = offs_k < context_len
-            page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=in_context, other=0)
-        else:
-            page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE)
-        page = page.to(tl.int64)
-        slot = offs_k % PAGE_SIZE
-        k_offs = page * stride_k_block + slot * stride_k_slot
-        v_offs = page * stride_v_block + slot * stride_v_slot
+        in_context = offs_k < context_len
+        # Where the tile's keys live. Tiles start at multiples of TILE_K, and a tile starting inside the
+        # context always has its first page in the block table.
+        if TILE_IN_PAGE:  # one page holds the whole tile: one block-table read, contiguous slots
+            page = tl.load(block_table_row_ptr + tile_start // PAGE_SIZE).to(tl.int64)
+            slot = tile_start % PAGE_SIZE + offs_t
+            k_offs = page * stride_k_block + slot * stride_k_slot
+            v_offs = page * stride_v_block + slot * stride_v_slot
+        elif PAGES_PER_TILE > 0:  # the tile is whole pages: one block-table read per page
+            page_idx = tile_start // PAGE_SIZE + tl.arange(0, PAGES_PER_TILE)
+            if MASKED:
+                pages = tl.load(block_table_row_ptr + page_idx, mask=page_idx * PAGE_SIZE < context_len, other=0)
+            else:
+                pages = tl.load(block_table_row_ptr + page_idx)
+            pages = pages.to(tl.int64)[:, None]
+            slot = tl.arange(0, PAGE_SIZE)[None, :]
+            k_offs = tl.reshape(pages * stride_k_block + slot * stride_k_slot, [TILE_K])
+            v_offs = tl.reshape(pages * stride_v_block + slot * stride_v_slot, [TILE_K])
+        else:  # page size unrelated to the tile: look up every key's page
+            if MASKED:
+                page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=in_context, other=0)
+            else:
+                page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE)
+            page = page.to(tl.int64)
+            slot = offs_k % PAGE_SIZE
+            k_offs = page * stride_k_block + slot * stride_k_slot
+            v_offs = page * stride_v_block + slot * stride_v_slot
         # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
         k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
         v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
@@ -101,14 +120,15 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Lengths and counts vary from batch to batch: specialising on them (== 1, % 16) would only multiply compiles.
+@triton.jit(do_not_specialize=["softcap", "window_left", "window_right", "num_seqs", "num_tokens", "num_splits"])
 def unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     partial_out_ptr, partial_lse_ptr,
     cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
     alibi_slopes_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
     softmax_scale, softcap, window_left, window_right,
-    num_seqs, num_q_heads, num_tokens,
+    num_seqs, num_q_heads, num_tokens, num_splits,
     stride_q_token, stride_q_head,
     stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -116,7 +136,7 @@ def unified_attention_kernel(
     stride_bt_seq, stride_lse_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
@@ -200,9 +220,9 @@ def unified_attention_kernel(
     if unmasked_hi <= unmasked_lo:
         unmasked_lo = key_lo
         unmasked_hi = key_lo
-    if NUM_SPLITS > 1:
+    if SPLIT_KEYS:
         key_tiles = (key_hi - key_lo + TILE_K - 1) // TILE_K
-        tiles_per_split = (key_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+        tiles_per_split = (key_tiles + num_splits - 1) // num_splits
         split_lo = key_lo + split * tiles_per_split * TILE_K
         split_hi = tl.minimum(split_lo + tiles_per_split * TILE_K, key_hi)
         key_lo = tl.minimum(split_lo, key_hi)
@@ -218,19 +238,19 @@ def unified_attention_kernel(
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -238,26 +258,25 @@ def unified_attention_kernel(
         out = out * tl.load(v_scale_ptr)
     lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     token = q_start + row_token
-    if NUM_SPLITS == 1:
+    if not SPLIT_KEYS:
         o_ptrs = (out_ptr + token.to(tl.int64)[:, None] * stride_o_token
                   + (row_head * stride_o_head)[:, None] + offs_d[None, :])
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
         if WRITE_LSE:
             tl.store(lse_ptr + row_head * stride_lse_head + token, lse2 / LOG2E, mask=row_valid)
     else:
-        # Partials: out [NUM_SPLITS, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32, lse (log2) likewise.
+        # Partials: out [num_splits, num_tokens, num_q_heads, HEAD_DIM_PAD] fp32, lse (log2) likewise.
         row = (split * num_tokens + token).to(tl.int64) * num_q_heads + row_head
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=row_valid[:, None])
         tl.store(partial_lse_ptr + row, lse2, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits"])
 def merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr,
-    num_seqs, num_tokens, num_q_heads,
+    num_seqs, num_tokens, num_q_heads, num_splits,
     stride_o_token, stride_o_head, stride_lse_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Combine the key splits of one (token, head): a softmax-weighted sum of the partial outputs."""
     token = tl.program_id(0)
@@ -267,13 +286,13 @@ def merge_splits_kernel(
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row = (offs_s * num_tokens + token).to(tl.int64) * num_q_heads + head
-    lse2 = tl.load(partial_lse_ptr + row, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse2 = tl.load(partial_lse_ptr + row, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse2, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row no split saw (never for valid input) stays finite
     weight = tl.exp2(lse2 - m)
     total = tl.sum(weight, 0)
     parts = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                    mask=(offs_s < NUM_SPLITS)[:, None], other=0.0)
+                    mask=(offs_s < num_splits)[:, None], other=0.0)
     out = tl.sum(parts * (weight / total)[:, None], 0)
     tl.store(out_ptr + token.to(tl.int64) * stride_o_token + head * stride_o_head + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -309,14 +328,16 @@ def launch(
         unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
         unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
         softmax_scale, softcap, window[0], window[1],
-        num_seqs, num_q_heads, num_tokens,
+        num_seqs, num_q_heads, num_tokens, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0), 0 if lse is None else lse.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
-        NUM_SPLITS=splits, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
+        TILE_IN_PAGE=page_size % config.tile_k == 0,
+        PAGES_PER_TILE=config.tile_k // page_size if config.tile_k % page_size == 0 else 0,
+        SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
         WRITE_LSE=lse is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -324,9 +345,9 @@ def launch(
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, unused if lse is None else lse, cu_seqlens_q,
-            num_seqs, num_tokens, num_q_heads,
+            num_seqs, num_tokens, num_q_heads, splits,
             out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             SPLITS_PAD=triton.next_power_of_2(splits), WRITE_LSE=lse is not None,
             num_warps=4 if head_dim_pad >= 128 else 2,
         )
