@@ -238,19 +238,22 @@ def unified_attention_kernel(
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
