@@ -303,6 +303,11 @@ def merge_splits_kernel(
         tl.store(lse_ptr + head * stride_lse_head + token, (m + tl.log2(total)) / LOG2E)
 
 
+def page_layout(page_size: int, tile_k: int) -> tuple[bool, int]:
+    """How a key tile maps onto pages: (tile inside one page, whole pages per tile or 0 to look up each key)."""
+    return page_size % tile_k == 0, tile_k // page_size if tile_k % page_size == 0 else 0
+
+
 def launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
@@ -323,6 +328,7 @@ def launch(
         partial_out = torch.empty(splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     unused = q  # pointer for switched-off features
+    tile_in_page, pages_per_tile = page_layout(page_size, config.tile_k)
     grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
     unified_attention_kernel[grid](
         q, k_cache, v_cache, out, unused if lse is None else lse,
@@ -338,8 +344,7 @@ def launch(
         block_table.stride(0), 0 if lse is None else lse.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
-        TILE_IN_PAGE=page_size % config.tile_k == 0,
-        PAGES_PER_TILE=config.tile_k // page_size if config.tile_k % page_size == 0 else 0,
+        TILE_IN_PAGE=tile_in_page, PAGES_PER_TILE=pages_per_tile,
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
         WRITE_LSE=lse is not None,
