@@ -38,7 +38,7 @@ def _attend_tiles(
     stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
     offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -54,17 +54,7 @@ def _attend_tiles(
             slot = tile_start % PAGE_SIZE + offs_t
             k_offs = page * stride_k_block + slot * stride_k_slot
             v_offs = page * stride_v_block + slot * stride_v_slot
-        elif PAGES_PER_TILE > 0:  # the tile is whole pages: one block-table read per page
-            page_idx = tile_start // PAGE_SIZE + tl.arange(0, PAGES_PER_TILE)
-            if MASKED:
-                pages = tl.load(block_table_row_ptr + page_idx, mask=page_idx * PAGE_SIZE < context_len, other=0)
-            else:
-                pages = tl.load(block_table_row_ptr + page_idx)
-            pages = pages.to(tl.int64)[:, None]
-            slot = tl.arange(0, PAGE_SIZE)[None, :]
-            k_offs = tl.reshape(pages * stride_k_block + slot * stride_k_slot, [TILE_K])
-            v_offs = tl.reshape(pages * stride_v_block + slot * stride_v_slot, [TILE_K])
-        else:  # page size unrelated to the tile: look up every key's page
+        else:  # the tile spans pages: look up every key's page
             if MASKED:
                 page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=in_context, other=0)
             else:
@@ -136,7 +126,7 @@ def unified_attention_kernel(
     stride_bt_seq, stride_lse_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, PAGES_PER_TILE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
@@ -238,21 +228,21 @@ def unified_attention_kernel(
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGES_PER_TILE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
 
     has_keys = l_i > 0.0
@@ -303,11 +293,6 @@ def merge_splits_kernel(
         tl.store(lse_ptr + head * stride_lse_head + token, (m + tl.log2(total)) / LOG2E)
 
 
-def page_layout(page_size: int, tile_k: int) -> tuple[bool, int]:
-    """How a key tile maps onto pages: (tile inside one page, whole pages per tile or 0 to look up each key)."""
-    return page_size % tile_k == 0, tile_k // page_size if tile_k % page_size == 0 else 0
-
-
 def launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
@@ -328,7 +313,6 @@ def launch(
         partial_out = torch.empty(splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     unused = q  # pointer for switched-off features
-    tile_in_page, pages_per_tile = page_layout(page_size, config.tile_k)
     grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
     unified_attention_kernel[grid](
         q, k_cache, v_cache, out, unused if lse is None else lse,
@@ -344,7 +328,7 @@ def launch(
         block_table.stride(0), 0 if lse is None else lse.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
-        TILE_IN_PAGE=tile_in_page, PAGES_PER_TILE=pages_per_tile,
+        TILE_IN_PAGE=page_size % config.tile_k == 0,
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
         WRITE_LSE=lse is not None,
