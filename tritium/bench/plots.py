@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, ScalarFormatter  # noqa: E402
 
 
 def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Path) -> None:
@@ -21,8 +22,11 @@ def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Pa
     ax.set_xticklabels([r["name"] for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(f"speed vs {baseline} ({baseline} ms / peer ms, higher is better)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

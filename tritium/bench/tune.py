@@ -66,7 +66,8 @@ def tune(
     classes: dict[str, list[Scenario]] = defaultdict(list)
     for sc in scenarios:
         tokens = sum(q for q, _ in sc.seqs)
-        classes[problem_class(tokens, len(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size)].append(sc)
+        cls = problem_class(tokens, len(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size)
+        classes[cls].append(sc)
 
     sms = multiprocessor_count(device)
     winners: dict[str, dict] = {}

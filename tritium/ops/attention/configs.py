@@ -20,7 +20,7 @@ import triton
 # Programs per multiprocessor that a decode batch should offer before its keys are split.
 _SPLIT_TARGET_PER_SM = 2
 _MAX_SPLITS = 16
-_DECODE_CLASS = re.compile(r"decode-q(?P<q>\d+)-p(?P<p>\d+)-(?P<shape>g\d+-d\d+)")
+_CLASS = re.compile(r"(?P<kind>decode-q\d+|mixed|prefill)(?:-p(?P<p>\d+))?-(?P<shape>g\d+-d\d+)-pg(?P<page>\d+)")
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def choose_config(
     device: torch.device, num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    page_size: int,
 ) -> AttentionConfig:
     """The tuned configuration for this batch's problem class on this device, else one derived from its shape."""
-    tuned = lookup_tuned(device, problem_class(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim))
+    tuned = lookup_tuned(device, problem_class(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size))
     if tuned is not None:
         return tuned
     return default_config(device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
@@ -88,15 +89,18 @@ def default_config(
                            num_warps=8 if block_m >= 128 else 4, num_stages=3 if not large_head else 2)
 
 
-def problem_class(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> str:
-    """The key under which tuned configs are stored, e.g. `decode-q1-p512-g4-d128` or `prefill-g4-d128`.
+def problem_class(
+    num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+) -> str:
+    """The key under which tuned configs are stored, e.g. `decode-q1-p512-g4-d128-pg16` or `prefill-g4-d128-pg64`.
 
     Decode-like batches (at most 8 query tokens per sequence) are keyed by query tokens per sequence and by
-    the count of (sequence, KV head) programs, which decides how far keys should be split.
+    the count of (sequence, KV head) programs, which decides how far keys should be split. The page size is
+    part of the key because tiles that fit in a page take a different (contiguous) load path.
     """
     group = num_q_heads // num_kv_heads
     per_seq = -(-num_tokens // max(num_seqs, 1))
-    shape = f"g{group}-d{triton.next_power_of_2(head_dim)}"
+    shape = f"g{group}-d{triton.next_power_of_2(head_dim)}-pg{page_size}"
     if per_seq <= 8:
         programs = triton.next_power_of_2(max(1, num_seqs * num_kv_heads))
         return f"decode-q{triton.next_power_of_2(per_seq)}-p{programs}-{shape}"
@@ -141,24 +145,30 @@ def _device_table(key: str) -> dict[str, dict]:
 
 
 def lookup_tuned(device: torch.device, cls: str) -> AttentionConfig | None:
-    """The tuned config for a problem class. A decode class missing from the table borrows the entry of the
-    nearest program-count bucket of the same shape, its split count scaled to keep the total programs."""
+    """The tuned config for a problem class. A class missing from the table borrows the entry of the same
+    kind and shape at the nearest page size, then (decode) the nearest program count, with its split count
+    scaled to keep the same total programs."""
     table = _device_table(device_key(device))
     if cls in table:
         return AttentionConfig(**table[cls])
-    wanted = _DECODE_CLASS.fullmatch(cls)
+    wanted = _CLASS.fullmatch(cls)
     if wanted is None:
         return None
     near = []
     for key in table:
-        m = _DECODE_CLASS.fullmatch(key)
-        if m and (m["q"], m["shape"]) == (wanted["q"], wanted["shape"]):
-            near.append((abs(math.log2(int(m["p"]) / int(wanted["p"]))), int(m["p"]), key))
+        m = _CLASS.fullmatch(key)
+        if m is None or (m["kind"], m["shape"]) != (wanted["kind"], wanted["shape"]):
+            continue
+        page_distance = abs(math.log2(int(m["page"]) / int(wanted["page"])))
+        program_distance = abs(math.log2(int(m["p"]) / int(wanted["p"]))) if m["p"] else 0.0
+        near.append((page_distance, program_distance, key))
     if not near:
         return None
-    _, programs, key = min(near)
+    *_, key = min(near)
     fields = dict(table[key])
-    fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * programs / int(wanted["p"]))))
+    programs = _CLASS.fullmatch(key)["p"]
+    if programs:
+        fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * int(programs) / int(wanted["p"]))))
     return AttentionConfig(**fields)
 
 

@@ -91,7 +91,7 @@ def _attend_tiles(
         if USE_ALIBI:
             s += (alibi_slope * LOG2E)[:, None] * (offs_k[None, :] - query_pos[:, None]).to(tl.float32)
         if MASKED:
-            visible = in_context[None, :]
+            visible = in_context[None, :] & (query_pos[:, None] >= 0)  # full [BLOCK_M, TILE_K] from the start
             if CAUSAL:
                 visible = visible & (offs_k[None, :] <= query_pos[:, None])
             if USE_WINDOW:

@@ -49,7 +49,7 @@ def unified_attention(
     num_kv_heads = k.shape[2]
     num_seqs = cu_seqlens_q.numel() - 1
     if config is None:
-        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
+        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, k.shape[1])
     config.validate(num_q_heads // num_kv_heads)
     lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=q.device) if return_lse else None
     if num_tokens > 0 and num_seqs > 0:
