@@ -30,8 +30,9 @@ def _write_kv_cache_kernel(
     src = token.to(tl.int64) * stride_value_token + offs_h[:, None] * stride_value_head + offs_d[None, :]
     value = tl.load(value_ptr + src, mask=mask)
     if QUANTIZE:
-        key = tl.clamp(key.to(tl.float32) / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
-        value = tl.clamp(value.to(tl.float32) / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
+        # div_rn: correctly rounded, so values near an fp8 rounding tie land where torch puts them
+        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     dst = block * stride_k_block + offset * stride_k_slot + offs_h[:, None] * stride_k_head + offs_d[None, :]
     tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     dst = block * stride_v_block + offset * stride_v_slot + offs_h[:, None] * stride_v_head + offs_d[None, :]

@@ -38,7 +38,7 @@ def _attend_tiles(
     stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
     offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -83,7 +83,7 @@ def _attend_tiles(
                 k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
 
-        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
         if USE_SOFTCAP:
             # softcap * tanh(s / softcap), with tanh written through exp2 so that it runs everywhere.
             e = tl.exp2(s * (2.0 * LOG2E) / softcap)
@@ -105,7 +105,7 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -126,7 +126,7 @@ def unified_attention_kernel(
     stride_bt_seq, stride_lse_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
@@ -228,21 +228,21 @@ def unified_attention_kernel(
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
 
     has_keys = l_i > 0.0
@@ -329,6 +329,8 @@ def launch(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
         TILE_IN_PAGE=page_size % config.tile_k == 0,
+        # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
         WRITE_LSE=lse is not None,
