@@ -26,7 +26,8 @@ def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Pa
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if peers:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
