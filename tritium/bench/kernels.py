@@ -190,4 +190,5 @@ def _stem(report: dict) -> str:
     card = report["environment"]["card"].replace(" ", "_").replace("(", "").replace(")", "")
     date = report["environment"]["date"][:10]
     quick = "-quick" if report["quick"] else ""
-    return f"kernels-{card}-{report['dtype']}-page{report['page_size']}{quick}-{date}"
+    commit = report["environment"]["commit"].replace("+local-changes", "-dirty")
+    return f"kernels-{card}-{report['dtype']}-page{report['page_size']}{quick}-{date}-{commit}"
