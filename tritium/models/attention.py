@@ -1,0 +1,48 @@
+"""The model's one door to attention: write the step's new K/V into the paged cache, then attend.
+
+The engine fills an `AttentionMetadata` once per step; every layer passes it here with its own cache.
+Two backends compute the same function: "triton" (Tritium's unified kernel, the GPU path, or the
+interpreter on a CPU) and "reference" (plain PyTorch, the quick path on a CPU).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from tritium.ops import unified_attention, write_kv_cache
+from tritium.ops.attention.reference import attention_reference
+
+BACKENDS = ("triton", "reference")
+
+
+@dataclass
+class AttentionMetadata:
+    """The batch layout of one forward step over the paged KV cache (vLLM's convention)."""
+
+    cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]: sequence i owns query tokens cu[i]:cu[i+1]
+    seqused_k: torch.Tensor  # int32 [num_seqs]: cached tokens of each sequence after this step's writes
+    block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: cache slot of each new token, -1 for padding
+    max_seqlen_q: int
+    max_seqlen_k: int
+    backend: str = "triton"
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, sliding_window: int | None,
+) -> torch.Tensor:
+    """q [tokens, q_heads, d], k/v [tokens, kv_heads, d] -> [tokens, q_heads, d], causal."""
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    if meta.backend == "triton":
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        return unified_attention(q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k,
+                                 meta.max_seqlen_k, scale, True, window, meta.block_table, 0.0, None, None, None)
+    valid = meta.slot_mapping >= 0
+    slots = meta.slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
+    out, _ = attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seqused_k, meta.block_table, scale,
+                                 window_size=window, dtype=torch.float32)
+    return out.to(q.dtype)
