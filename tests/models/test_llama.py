@@ -46,7 +46,8 @@ class PagedBatch:
         cfg = model.config
         blocks = -(-max_len // PAGE)
         shape = (num_seqs * blocks + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
-        self.caches = [(torch.full(shape, float("nan")), torch.full(shape, float("nan"))) for _ in range(cfg.num_layers)]
+        nan = float("nan")
+        self.caches = [(torch.full(shape, nan), torch.full(shape, nan)) for _ in range(cfg.num_layers)]
         order = torch.randperm(shape[0] - 1, generator=torch.Generator().manual_seed(1)) + 1  # page 0 never used
         self.table = order.view(num_seqs, blocks).to(torch.int32)
         self.lengths = [0] * num_seqs

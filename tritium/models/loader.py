@@ -51,7 +51,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
                 tensor = f.get_tensor(name)
                 dest = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
                 if dest.shape != tensor.shape:
-                    raise ValueError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                    raise ValueError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(dest.shape)}")
                 dest.copy_(tensor)
                 unfilled[target] -= tensor.numel()
     if config.tie_word_embeddings:
