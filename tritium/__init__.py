@@ -10,3 +10,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    """`from tritium import LLM, SamplingParams` without loading the engine for every `import tritium`."""
+    if name == "LLM":
+        from tritium.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from tritium.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'tritium' has no attribute {name!r}")

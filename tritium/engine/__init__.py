@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduler, KV page pool, model runner, sampling."""

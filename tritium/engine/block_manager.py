@@ -1,0 +1,93 @@
+"""The KV-cache page pool: reference-counted pages, prefix caching by hashing full pages.
+
+A full page is named by a hash of its tokens chained to the previous page's hash, so a page is shared only
+by sequences with the same whole prefix. Pages whose count drops to zero keep their contents and hash and
+go to the end of the free list; they are reused for a hit until another allocation takes them.
+"""
+
+from collections import OrderedDict
+
+from tritium.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one page of at least one token, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # oldest first
+        self.cached: dict[int, int] = {}  # hash -> page holding those tokens
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def _hashes(self, tokens: list[int]) -> list[int]:
+        hashes, prev = [], 0
+        for i in range(len(tokens) // self.block_size):
+            prev = hash((prev, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
+            hashes.append(prev)
+        return hashes
+
+    def _take(self) -> int:
+        page, _ = self.free.popitem(last=False)
+        old = self.block_hash[page]
+        if old is not None and self.cached.get(old) == page:
+            del self.cached[old]
+        self.block_hash[page] = None
+        self.ref_count[page] = 1
+        return page
+
+    def allocate_prompt(self, seq: Sequence) -> bool:
+        """Give a waiting sequence pages for its whole context, reusing cached full pages; False if short."""
+        tokens = seq.tokens
+        needed = -(-len(tokens) // self.block_size)
+        hits = []
+        if self.prefix_caching:
+            # The last token must still run through the model to produce logits: never count it as cached.
+            for h in self._hashes(tokens[:-1]):
+                page = self.cached.get(h)
+                if page is None:
+                    break
+                hits.append(page)
+        fresh = needed - len(hits)
+        reusable_free = sum(1 for p in hits if self.ref_count[p] == 0)
+        if fresh > self.num_free - reusable_free:
+            return False
+        for page in hits:
+            if self.ref_count[page] == 0:
+                del self.free[page]
+            self.ref_count[page] += 1
+        seq.block_table = hits + [self._take() for _ in range(fresh)]
+        seq.num_computed = len(hits) * self.block_size
+        return True
+
+    def pages_missing(self, seq: Sequence) -> int:
+        """Pages the sequence needs beyond those it holds, for its current length."""
+        return max(0, -(-len(seq) // self.block_size) - len(seq.block_table))
+
+    def grow(self, seq: Sequence) -> None:
+        """Add pages so the sequence's current length fits; the caller checked pages_missing <= num_free."""
+        for _ in range(self.pages_missing(seq)):
+            seq.block_table.append(self._take())
+
+    def commit_full_pages(self, seq: Sequence) -> None:
+        """Record hashes of the pages the model has now filled, so later prompts can share them."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        for i, h in enumerate(self._hashes(seq.tokens[: full * self.block_size])):
+            page = seq.block_table[i]
+            if self.block_hash[page] is None and h not in self.cached:
+                self.block_hash[page] = h
+                self.cached[h] = page
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for page in reversed(seq.block_table):  # tail pages first: they are the least likely to be shared
+            self.ref_count[page] -= 1
+            if self.ref_count[page] == 0:
+                self.free[page] = None
+        seq.block_table = []

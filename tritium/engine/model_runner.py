@@ -1,0 +1,59 @@
+"""Runs the model on one scheduled step: lays the batch out over the paged KV cache, then samples."""
+
+import torch
+
+from tritium.engine.sampler import sample
+from tritium.engine.sequence import Sequence
+from tritium.models.attention import AttentionMetadata
+from tritium.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str) -> None:
+        cfg = model.config
+        self.model, self.block_size, self.backend = model, block_size, backend
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [tuple(torch.empty(shape, dtype=dtype, device=device) for _ in "kv")
+                          for _ in range(cfg.num_layers)]
+        self.device = device
+        self.generators: dict[int, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
+        """Run `n` tokens of each sequence; returns the sampled token of each sequence whose context is done."""
+        ids, positions, slots, cu, used, tables = [], [], [], [0], [], []
+        for seq, n in batch:
+            start = seq.num_computed
+            ids += seq.tokens[start:start + n]
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
+            cu.append(cu[-1] + n)
+            used.append(start + n)
+            tables.append(seq.block_table)
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
+            slot_mapping=to(slots, torch.int64), max_seqlen_q=max(n for _, n in batch), max_seqlen_k=max(used),
+            backend=self.backend)
+        hidden = self.model(to(ids, torch.long), to(positions, torch.long), meta, self.kv_caches)
+        done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
+        if not done:
+            return {}
+        logits = self.model.logits(hidden[[cu[i + 1] - 1 for i in done]])
+        seqs = [batch[i][0] for i in done]
+        tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+        return {s.seq_id: t for s, t in zip(seqs, tokens, strict=True)}
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.greedy:
+            return None
+        if seq.seq_id not in self.generators:
+            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+        return self.generators[seq.seq_id]
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)

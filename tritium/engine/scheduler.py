@@ -1,0 +1,75 @@
+"""Which sequences run in the next step, and how many of their tokens: decodes and prefill chunks together.
+
+Each step has a token budget. Running sequences go first, oldest first: a decode costs one token, a
+part-done prefill takes what the budget leaves. Waiting sequences are then admitted in arrival order while
+pages and budget last. When a running sequence needs a page and none is free, the newest running sequence
+is preempted: its pages are freed and it waits at the front of the queue to be recomputed, so the oldest
+requests always make progress and none is starved.
+"""
+
+from collections import deque
+
+from tritium.engine.block_manager import BlockManager
+from tritium.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.blocks = blocks
+        self.max_tokens = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run) for the next step; non-empty whenever there is work that fits at all."""
+        budget = self.max_tokens
+        batch: list[tuple[Sequence, int]] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            while self.blocks.pages_missing(seq) > self.blocks.num_free:
+                victim = self.running.pop()  # newest first
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq)
+                n = min(seq.num_uncomputed, budget)
+                batch.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing newer is left running
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.allocate_prompt(seq):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_sequence(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)

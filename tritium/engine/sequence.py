@@ -1,0 +1,47 @@
+"""A request's token sequence and where it stands: waiting, running (part-prefilled or decoding), finished."""
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from tritium.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)  # page ids, in order
+    num_computed: int = 0  # tokens whose K/V are in the cache (prefix hits included)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self) - self.num_computed
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: drop the cache and run prompt + outputs again as one prompt later."""
+        self.block_table = []
+        self.num_computed = 0
+        self.status = Status.WAITING
