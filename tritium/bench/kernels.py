@@ -132,7 +132,7 @@ def format_table(report: dict, bound: float) -> str:
 def _ms(ms: float | None, row: dict, peer: str, bound: float) -> str:
     if ms is None:
         return "x" if peer in row["errors"] else "-"
-    return f"{ms:.4f}" + ("!" if row["rel_err"].get(peer, 0.0) > bound else "")
+    return f"{ms:.4f}" + ("" if row["rel_err"].get(peer, 0.0) <= bound else "!")  # NaN fails too
 
 
 def _select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]:

@@ -134,9 +134,20 @@ def load_tables() -> dict[str, dict[str, dict]]:
         except (OSError, ValueError) as exc:
             warnings.warn(f"ignoring unreadable tuned-config cache {path}: {exc}", stacklevel=2)
             user = {}
-        for key, classes in user.items():
-            tables.setdefault(key, {}).update(classes)
+        for key, classes in user.items() if isinstance(user, dict) else ():
+            good = {c: f for c, f in classes.items() if _is_config(f)} if isinstance(classes, dict) else {}
+            if len(good) != (len(classes) if isinstance(classes, dict) else -1):
+                warnings.warn(f"{path}: ignoring malformed entries under {key!r}", stacklevel=2)
+            tables.setdefault(key, {}).update(good)
+        if not isinstance(user, dict):
+            warnings.warn(f"ignoring tuned-config cache {path}: not a JSON object", stacklevel=2)
     return tables
+
+
+def _is_config(fields: object) -> bool:
+    """An entry a user cache may hold: exactly AttentionConfig's fields, all integers."""
+    names = set(AttentionConfig.__dataclass_fields__)
+    return isinstance(fields, dict) and set(fields) == names and all(type(v) is int for v in fields.values())
 
 
 @functools.cache
