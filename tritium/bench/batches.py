@@ -5,8 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from tritium.ops.attention.reference import attention_reference
-
-FP8_KV_DTYPE = torch.float8_e4m3fn
+from tritium.ops.kv_cache import FP8_KV_DTYPE
 
 
 @dataclass

@@ -4,9 +4,9 @@ import torch
 
 from tritium.ops.attention import kernel
 from tritium.ops.attention.configs import AttentionConfig, choose_config
+from tritium.ops.kv_cache import FP8_KV_DTYPE
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8_KV_DTYPE = torch.float8_e4m3fn
 MAX_HEAD_DIM = 256
 
 
