@@ -6,7 +6,6 @@ FlashAttention-3 (FA3 time / Tritium time).
 """
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ from tritium.bench.ceilings import measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.peers import available_peers
 from tritium.bench.plots import plot_speed_vs_baseline
-from tritium.bench.scenarios import Scenario, load_scenarios
+from tritium.bench.scenarios import load_scenarios, select_scenarios
+from tritium.bench.timing import median_ms
 
 BASELINE = "fa3"
 ERROR_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
@@ -39,7 +39,7 @@ def run_kernel_bench(
               "The timings measure the interpreter, not a GPU; the correctness checks are real.")
         if dtype == torch.bfloat16:
             dtype = torch.float16  # the interpreter has been seen computing bf16 dots wrongly
-    scenarios = _select(load_scenarios(), scenario_names)
+    scenarios = select_scenarios(load_scenarios(), scenario_names)
     if quick or interpreted:
         scenarios = [s.shrunk() for s in scenarios]
     peers, missing = available_peers(device, peer_names)
@@ -67,7 +67,7 @@ def run_kernel_bench(
                 _sync(device)
                 got = result()[rows].double()
                 row["rel_err"][peer.name] = ((got - ref).norm() / ref.norm()).item()
-                row["ms"][peer.name], row["timing"][peer.name] = _time(run, device)
+                row["ms"][peer.name], row["timing"][peer.name] = median_ms(run, device)
             except Exception as exc:  # a peer failing one scenario is reported, not fatal
                 row["errors"][peer.name] = f"{type(exc).__name__}: {exc}"[:300]
         if ceilings:
@@ -133,52 +133,6 @@ def _ms(ms: float | None, row: dict, peer: str, bound: float) -> str:
     if ms is None:
         return "x" if peer in row["errors"] else "-"
     return f"{ms:.4f}" + ("" if row["rel_err"].get(peer, 0.0) <= bound else "!")  # NaN fails too
-
-
-def _select(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]:
-    if not names:
-        return scenarios
-    chosen = [s for s in scenarios if any(n.lower() in s.name.lower() for n in names)]
-    if not chosen:
-        known = ", ".join(s.name for s in scenarios)
-        raise ValueError(f"no scenario matches {names}; the suite has: {known}")
-    return chosen
-
-
-def _time(run, device: torch.device) -> tuple[float, str]:
-    """Median milliseconds and how they were taken.
-
-    On a GPU each call is captured in a CUDA graph and the replays are timed with CUDA events, the L2 cache
-    flushed before each (do_bench). Replaying keeps Python's per-call cost (argument checks, the launch)
-    out of the number, as in a serving step, which matters for kernels of a few tens of microseconds.
-    A peer that cannot be captured is timed eagerly. On the CPU: one wall-clock run.
-    """
-    if device.type != "cuda":
-        start = time.perf_counter()
-        run()
-        return (time.perf_counter() - start) * 1e3, "wall clock"
-    from triton.testing import do_bench
-
-    graph = _capture(run)
-    if graph is None:
-        return do_bench(run, warmup=25, rep=100, return_mode="median"), "eager"
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median"), "graph"
-
-
-def _capture(run) -> "torch.cuda.CUDAGraph | None":
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        return graph
-    except Exception:  # not capturable (host syncs, say): time it eagerly instead
-        torch.cuda.synchronize()
-        return None
 
 
 def _sync(device: torch.device) -> None:

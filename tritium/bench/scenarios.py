@@ -69,3 +69,14 @@ def load_scenarios() -> list[Scenario]:
         suite.append(Scenario(s["name"], s["num_q_heads"], s["num_kv_heads"], s["head_size"], seqs,
                               s.get("sliding_window")))
     return suite
+
+
+def select_scenarios(scenarios: list[Scenario], names: list[str] | None) -> list[Scenario]:
+    """Scenarios whose name contains any of `names` (case-insensitive); all of them when names is empty."""
+    if not names:
+        return scenarios
+    chosen = [s for s in scenarios if any(n.lower() in s.name.lower() for n in names)]
+    if not chosen:
+        known = ", ".join(s.name for s in scenarios)
+        raise ValueError(f"no scenario matches {names}; the suite has: {known}")
+    return chosen

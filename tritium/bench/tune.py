@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from triton.testing import do_bench
 
 from tritium.bench.batches import random_paged_batch, reference_sample
-from tritium.bench.scenarios import Scenario, load_scenarios
+from tritium.bench.scenarios import Scenario, load_scenarios, select_scenarios
+from tritium.bench.timing import median_ms
 from tritium.ops.attention import AttentionConfig, unified_attention
 from tritium.ops.attention.configs import (
     default_config,
@@ -59,10 +59,7 @@ def tune(
     if not torch.cuda.is_available():
         raise RuntimeError("tritium tune needs a GPU: the interpreter's timings say nothing about a device")
     device = torch.device("cuda")
-    scenarios = [s for s in load_scenarios()
-                 if not scenario_names or any(n.lower() in s.name.lower() for n in scenario_names)]
-    if not scenarios:
-        raise ValueError(f"no scenario matches {scenario_names}")
+    scenarios = select_scenarios(load_scenarios(), scenario_names)
     classes: dict[str, list[Scenario]] = defaultdict(list)
     for sc in scenarios:
         tokens = sum(q for q, _ in sc.seqs)
@@ -126,14 +123,14 @@ def _default(batch) -> AttentionConfig:
 
 def _time(fn) -> float:
     try:
-        return do_bench(fn, warmup=5, rep=25, return_mode="median")
+        return median_ms(fn, torch.device("cuda"), warmup=5, rep=25)[0]
     except Exception:  # out of shared memory or registers on this device: not a candidate here
         return math.inf
 
 
 def _check(batch, sc: Scenario, config: AttentionConfig) -> None:
     out = torch.full_like(batch.q, float("nan"))
-    unified_attention(*batch.kernel_args(out, window_size=sc.window_size), config=replace(config))
+    unified_attention(*batch.kernel_args(out, window_size=sc.window_size), config=config)
     rows, ref = reference_sample(batch, sc.window_size)
     err = ((out[rows].double() - ref).norm() / ref.norm()).item()
     if not err <= ERROR_BOUND:
