@@ -25,10 +25,14 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free)
 
+    def _page_hash(self, prev: int, tokens: list[int], page: int) -> int:
+        """The name of page `page` of `tokens`, chained to the previous page's name `prev` (0 for the first)."""
+        return hash((prev, tuple(tokens[page * self.block_size:(page + 1) * self.block_size])))
+
     def _hashes(self, tokens: list[int]) -> list[int]:
         hashes, prev = [], 0
         for i in range(len(tokens) // self.block_size):
-            prev = hash((prev, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
+            prev = self._page_hash(prev, tokens, i)
             hashes.append(prev)
         return hashes
 
@@ -45,10 +49,11 @@ class BlockManager:
         """Give a waiting sequence pages for its whole context, reusing cached full pages; False if short."""
         tokens = seq.tokens
         needed = -(-len(tokens) // self.block_size)
-        hits = []
+        hits, hashes = [], []
         if self.prefix_caching:
             # The last token must still run through the model to produce logits: never count it as cached.
-            for h in self._hashes(tokens[:-1]):
+            hashes = self._hashes(tokens[:-1])
+            for h in hashes:
                 page = self.cached.get(h)
                 if page is None:
                     break
@@ -63,6 +68,7 @@ class BlockManager:
             self.ref_count[page] += 1
         seq.block_table = hits + [self._take() for _ in range(fresh)]
         seq.num_computed = len(hits) * self.block_size
+        seq.page_hashes = hashes[: len(hits)]
         return True
 
     def pages_missing(self, seq: Sequence) -> int:
@@ -79,7 +85,12 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = seq.num_computed // self.block_size
-        for i, h in enumerate(self._hashes(seq.tokens[: full * self.block_size])):
+        if full <= len(seq.page_hashes):
+            return  # no page filled since the last call (most decode steps)
+        tokens = seq.tokens
+        for i in range(len(seq.page_hashes), full):
+            h = self._page_hash(seq.page_hashes[-1] if seq.page_hashes else 0, tokens, i)
+            seq.page_hashes.append(h)
             page = seq.block_table[i]
             if self.block_hash[page] is None and h not in self.cached:
                 self.block_hash[page] = h

@@ -26,6 +26,7 @@ class Sequence:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)  # page ids, in order
     num_computed: int = 0  # tokens whose K/V are in the cache (prefix hits included)
+    page_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its first full computed pages
     finish_reason: str | None = None
 
     @property
@@ -44,4 +45,5 @@ class Sequence:
         """Preempted: drop the cache and run prompt + outputs again as one prompt later."""
         self.block_table = []
         self.num_computed = 0
+        self.page_hashes = []
         self.status = Status.WAITING
