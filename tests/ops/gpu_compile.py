@@ -19,13 +19,18 @@ TARGET = ("cuda", 90, 32)  # H100 / H200
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 
 # Attention cases: q dtype, kv dtype (None: q's), head size, q heads, kv heads, page size, config
-# (block_m, tile_k, num_splits, num_warps, num_stages), features. Shapes and configs as the GPU meets them.
-_DECODE = (16, 64, 4, 4, 3)
-_PREFILL = (128, 64, 1, 8, 3)
+# (block_m, tile_k, num_splits, num_warps, num_stages, page_lookahead), features. Shapes and configs as the GPU
+# meets them.
+_DECODE = (16, 64, 4, 4, 3, 0)
+_PREFILL = (128, 64, 1, 8, 3, 1)
 _LARGE_HEAD = (64, 32, 1, 4, 2)
 ATTENTION_CASES = {
     "decode_bf16_d128_g4": ("bfloat16", None, 128, 32, 8, 16, _DECODE, {}),
     "prefill_bf16_d128_g4": ("bfloat16", None, 128, 32, 8, 16, _PREFILL, {}),
+    "prefill_pages_in_step": ("bfloat16", None, 128, 32, 8, 16, (128, 64, 1, 8, 3, 0), {}),
+    "prefill_tile128_pages_ahead": ("bfloat16", None, 128, 32, 8, 16, (128, 128, 1, 8, 3, 1), {}),
+    "page64_one_page_tiles_ahead": ("bfloat16", None, 128, 32, 8, 64, (64, 64, 1, 4, 3, 1), {}),
+    "decode_pages_ahead": ("bfloat16", None, 128, 32, 8, 16, (16, 64, 4, 4, 3, 1), {}),
     "prefill_fp16_d64_mha_page32": ("float16", None, 64, 16, 16, 32, _PREFILL, {}),
     "d80_g5_page24_alibi": ("bfloat16", None, 80, 20, 4, 24, _PREFILL, {"alibi": True}),
     "d96_g6_page256_split2_sinks": ("float16", None, 96, 12, 2, 256, (16, 64, 2, 4, 3), {"sinks": True}),

@@ -115,12 +115,14 @@ def test_large_head_size(d, dtype, gen):
     (256, 16, 16), (256, 64, 32),  # one page holds every context
     (24, 16, 16), (48, 32, 32), (80, 64, 16),  # pages neither a multiple nor a divisor of the tile
 ])
-def test_page_vs_tile(page, tile_k, block_m, gen):
-    """Tiles inside one page, tiles of whole pages, and pages unrelated to the tile (a key-by-key lookup).
+@pytest.mark.parametrize("lookahead", [0, 1], ids=["pages_in_step", "pages_ahead"])
+def test_page_vs_tile(page, tile_k, block_m, lookahead, gen):
+    """Tiles inside one page, tiles of whole pages, and pages unrelated to the tile (a key-by-key lookup),
+    with block-table entries read in the step or one step ahead (which then reads past the last tile).
     Contexts end mid-page and mid-tile for every page size; one spans many small pages."""
     seqs = [(1, 67), (4, 131), (0, 3), (19, 19), (9, 41), (1, 1)]
     batch = batch_of(seqs, gen, page=page)
-    attend_and_check(batch, gen=gen, config=AttentionConfig(block_m, tile_k))
+    attend_and_check(batch, gen=gen, config=AttentionConfig(block_m, tile_k, page_lookahead=lookahead))
 
 
 # --- features, alone and together ---
@@ -147,6 +149,7 @@ CONFIGS = {
     "default": (torch.float32, None),
     "fp16_split3": (torch.float16, AttentionConfig(32, 16, num_splits=3)),
     "fp32_tile32_m64": (torch.float32, AttentionConfig(64, 32)),
+    "fp16_split2_pages_ahead": (torch.float16, AttentionConfig(32, 16, num_splits=2, page_lookahead=1)),
 }
 
 

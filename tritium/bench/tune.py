@@ -40,15 +40,16 @@ def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[Attenti
         for tile_k in (32, 64) if large else (32, 64, 128):
             for warps in (2, 4):
                 for stages in (2, 3, 4):
-                    found.append(AttentionConfig(block_m, tile_k, splits, warps, stages))
+                    for lookahead in (0, 1):
+                        found.append(AttentionConfig(block_m, tile_k, splits, warps, stages, lookahead))
         return found
     # Large-query classes: 128-row tiles on 8 warps are the usual winners; a few smaller shapes check that.
     shapes = [(128, 8, 64, 2), (128, 8, 64, 3), (128, 8, 64, 4), (128, 8, 128, 2), (128, 8, 128, 3),
               (128, 8, 32, 3), (64, 4, 64, 2), (64, 4, 64, 3), (64, 4, 128, 2), (128, 4, 64, 2), (128, 4, 64, 3)]
     if large:
         shapes = [(64, 4, 32, 2), (64, 4, 64, 2), (64, 8, 64, 2), (128, 8, 32, 2), (128, 8, 64, 2)]
-    return [AttentionConfig(block_m, tile_k, 1, warps, stages)
-            for block_m, warps, tile_k, stages in shapes if block_m >= group]
+    return [AttentionConfig(block_m, tile_k, 1, warps, stages, lookahead)
+            for block_m, warps, tile_k, stages in shapes if block_m >= group for lookahead in (0, 1)]
 
 
 def tune(
@@ -79,7 +80,7 @@ def tune(
                                                  default.num_splits))
         if cls.startswith("decode-"):
             programs = len(sc0.seqs) * sc0.num_kv_heads
-            splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if s == 1 or programs * s <= 16 * sms]
+            splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if s == 1 or programs * s <= 16 * sms]
             best, best_ms = _search(runs, [replace(best, num_splits=s) for s in splits])
         default_ms = [_time(lambda a=args, c=default: unified_attention(*a, config=c)) for _, _, args in runs]
         for batch, sc, _ in runs:

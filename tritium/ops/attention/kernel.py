@@ -29,6 +29,20 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _tile_pages(block_table_row_ptr, tile_start, offs_t, context_len, PAGE_SIZE: tl.constexpr,
+                TILE_IN_PAGE: tl.constexpr):
+    """The cache pages of the key tile starting at tile_start: one page id (the tile fits in a page) or one per
+    key. Keys past the context read page 0 (their loads are masked), so any tile start is safe to ask for."""
+    if TILE_IN_PAGE:
+        key = tl.maximum(tl.minimum(tile_start, context_len - 1), 0)
+        page = tl.load(block_table_row_ptr + key // PAGE_SIZE)
+    else:
+        offs_k = tile_start + offs_t
+        page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=offs_k < context_len, other=0)
+    return page.to(tl.int64)
+
+
+@triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q,
     k_cache_ptr, v_cache_ptr, block_table_row_ptr,
@@ -38,31 +52,31 @@ def _attend_tiles(
     stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
     offs_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """Fold keys [key_start, key_end) (a whole number of TILE_K tiles) into the running softmax state."""
     offs_t = tl.arange(0, TILE_K)
+    if PAGE_LOOKAHEAD:
+        next_page = _tile_pages(block_table_row_ptr, key_start, offs_t, context_len, PAGE_SIZE, TILE_IN_PAGE)
     for tile_start in range(key_start, key_end, TILE_K):
         offs_k = tile_start + offs_t
         in_context = offs_k < context_len
-        # Where the tile's keys live. Tiles start at multiples of TILE_K, and a tile starting inside the
-        # context always has its first page in the block table.
-        if TILE_IN_PAGE:  # one page holds the whole tile: one block-table read, contiguous slots
-            page = tl.load(block_table_row_ptr + tile_start // PAGE_SIZE).to(tl.int64)
+        if PAGE_LOOKAHEAD:
+            # The next tile's pages are read a step ahead: this step's K/V loads then depend on a value carried
+            # over the loop, not on a load of the same step, and the compiler pipelines them one stage deeper.
+            page = next_page
+            next_page = _tile_pages(block_table_row_ptr, tile_start + TILE_K, offs_t, context_len, PAGE_SIZE,
+                                    TILE_IN_PAGE)
+        else:
+            page = _tile_pages(block_table_row_ptr, tile_start, offs_t, context_len, PAGE_SIZE, TILE_IN_PAGE)
+        if TILE_IN_PAGE:  # one page holds the whole tile: contiguous slots
             slot = tile_start % PAGE_SIZE + offs_t
-            k_offs = page * stride_k_block + slot * stride_k_slot
-            v_offs = page * stride_v_block + slot * stride_v_slot
-        else:  # the tile spans pages: look up every key's page
-            if MASKED:
-                page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=in_context, other=0)
-            else:
-                page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE)
-            page = page.to(tl.int64)
+        else:  # the tile spans pages
             slot = offs_k % PAGE_SIZE
-            k_offs = page * stride_k_block + slot * stride_k_slot
-            v_offs = page * stride_v_block + slot * stride_v_slot
+        k_offs = page * stride_k_block + slot * stride_k_slot
+        v_offs = page * stride_v_block + slot * stride_v_slot
         # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
         k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
         v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
@@ -126,7 +140,7 @@ def unified_attention_kernel(
     stride_bt_seq, stride_lse_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    TILE_IN_PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
@@ -228,21 +242,21 @@ def unified_attention_kernel(
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
-        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, DOT_PRECISION,
+        HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
         CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
 
     has_keys = l_i > 0.0
@@ -328,7 +342,7 @@ def launch(
         block_table.stride(0), 0 if lse is None else lse.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
         BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
-        TILE_IN_PAGE=page_size % config.tile_k == 0,
+        TILE_IN_PAGE=page_size % config.tile_k == 0, PAGE_LOOKAHEAD=config.page_lookahead == 1,
         # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
