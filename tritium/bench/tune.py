@@ -34,14 +34,13 @@ def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[Attenti
     """The tile shapes, warps and pipeline depths worth timing for one problem class (splits held fixed)."""
     large = head_dim > 128
     found = []
-    if cls.startswith("decode-"):
+    if cls.startswith("decode-"):  # block-table lookahead is tried on the winner only (see tune)
         rows = int(cls.split("-")[1][1:]) * group
         block_m = max(16, 1 << (rows - 1).bit_length())
         for tile_k in (32, 64) if large else (32, 64, 128):
             for warps in (2, 4):
                 for stages in (2, 3, 4):
-                    for lookahead in (0, 1):
-                        found.append(AttentionConfig(block_m, tile_k, splits, warps, stages, lookahead))
+                    found.append(AttentionConfig(block_m, tile_k, splits, warps, stages))
         return found
     # Large-query classes: 128-row tiles on 8 warps are the usual winners; a few smaller shapes check that.
     shapes = [(128, 8, 64, 2), (128, 8, 64, 3), (128, 8, 64, 4), (128, 8, 128, 2), (128, 8, 128, 3),
@@ -79,6 +78,7 @@ def tune(
         best, best_ms = _search(runs, candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size,
                                                  default.num_splits))
         if cls.startswith("decode-"):
+            best, best_ms = _search(runs, [best, replace(best, page_lookahead=1)])
             programs = len(sc0.seqs) * sc0.num_kv_heads
             splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if s == 1 or programs * s <= 16 * sms]
             best, best_ms = _search(runs, [replace(best, num_splits=s) for s in splits])
@@ -86,19 +86,22 @@ def tune(
         for batch, sc, _ in runs:
             _check(batch, sc, best)
         winners[cls] = asdict(best)
+        _store(cache or user_cache_path(), device_key(device), {cls: winners[cls]})  # a stopped run keeps its classes
         gain = _geomean([d / t for d, t in zip(default_ms, best_ms)])
         tqdm.write(f"{cls:28s} {best}  {', '.join(f'{t:.4f}' for t in best_ms)} ms "
                    f"({gain:.2f}x the untuned default)")
         del batches, runs
         torch.cuda.empty_cache()
 
-    path = cache or user_cache_path()
+    print(f"wrote {len(winners)} tuned configs for {device_key(device)} to {cache or user_cache_path()}")
+    return winners
+
+
+def _store(path: Path, key: str, winners: dict[str, dict]) -> None:
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    stored.setdefault(device_key(device), {}).update(winners)
+    stored.setdefault(key, {}).update(winners)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=1, sort_keys=True))
-    print(f"wrote {len(winners)} tuned configs for {device_key(device)} to {path}")
-    return winners
 
 
 def _search(runs: list, configs: list[AttentionConfig]) -> tuple[AttentionConfig, list[float]]:
