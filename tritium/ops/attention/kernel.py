@@ -32,14 +32,15 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def _tile_pages(block_table_row_ptr, tile_start, offs_t, context_len, PAGE_SIZE: tl.constexpr,
                 TILE_IN_PAGE: tl.constexpr):
     """The cache pages of the key tile starting at tile_start: one page id (the tile fits in a page) or one per
-    key. Keys past the context read page 0 (their loads are masked), so any tile start is safe to ask for."""
+    key. Keys past the context read page 0 (their loads are masked), so any tile start is safe to ask for.
+    Ids stay int32 until the address is formed: a carried int64 vector of ids slowed the pipelined loop."""
     if TILE_IN_PAGE:
         key = tl.maximum(tl.minimum(tile_start, context_len - 1), 0)
         page = tl.load(block_table_row_ptr + key // PAGE_SIZE)
     else:
         offs_k = tile_start + offs_t
         page = tl.load(block_table_row_ptr + offs_k // PAGE_SIZE, mask=offs_k < context_len, other=0)
-    return page.to(tl.int64)
+    return page
 
 
 @triton.jit
@@ -75,8 +76,8 @@ def _attend_tiles(
             slot = tile_start % PAGE_SIZE + offs_t
         else:  # the tile spans pages
             slot = offs_k % PAGE_SIZE
-        k_offs = page * stride_k_block + slot * stride_k_slot
-        v_offs = page * stride_v_block + slot * stride_v_slot
+        k_offs = page.to(tl.int64) * stride_k_block + slot * stride_k_slot
+        v_offs = page.to(tl.int64) * stride_v_block + slot * stride_v_slot
         # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
         k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
         v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
