@@ -56,7 +56,20 @@ KV_CACHE_CASES = {
     "kv_cache_fp8_from_bf16": ("bfloat16", "float8_e4m3fn", 8, 128, 16, "int64"),
     "kv_cache_fp16_3_heads_d80": ("float16", "float16", 3, 80, 16, "int32"),
 }
-CASES = [*ATTENTION_CASES, *KV_CACHE_CASES]
+# Glue kernel cases: op, dtype, sizes. rms_norm: x's shape, with a residual; rotary_and_cache: q heads, kv heads,
+# head size, page size, slot dtype; silu_and_mul: tokens, intermediate size.
+GLUE_CASES = {
+    "rms_norm_bf16_hidden4096_residual": ("rms_norm", "bfloat16", ((4, 4096), True)),
+    "rms_norm_fp16_hidden5120": ("rms_norm", "float16", ((4, 5120), False)),
+    "rms_norm_bf16_qk_heads_d128": ("rms_norm", "bfloat16", ((4, 32, 128), False)),
+    "rms_norm_fp32_hidden80_residual": ("rms_norm", "float32", ((4, 80), True)),
+    "rotary_bf16_d128_g4": ("rotary_and_cache", "bfloat16", (32, 8, 128, 16, "int64")),
+    "rotary_fp16_d80_g5_int32": ("rotary_and_cache", "float16", (20, 4, 80, 16, "int32")),
+    "rotary_bf16_d256_mqa": ("rotary_and_cache", "bfloat16", (64, 1, 256, 64, "int64")),
+    "silu_and_mul_bf16_14336": ("silu_and_mul", "bfloat16", (4, 14336)),
+    "silu_and_mul_fp16_112": ("silu_and_mul", "float16", (4, 112)),
+}
+CASES = [*ATTENTION_CASES, *KV_CACHE_CASES, *GLUE_CASES]
 
 
 def _install_compiler():
@@ -126,6 +139,34 @@ def _run_kv_cache(case):
     write_kv_cache(key, key.clone(), k_cache, k_cache.clone(), torch.arange(4).to(getattr(torch, slot)), **scales)
 
 
+def _run_glue(case):
+    """Calls the launchers, not the public functions: on CPU tensors those run torch, not the kernels."""
+    import torch
+
+    from tritium.ops.activation import _launch_silu_and_mul
+    from tritium.ops.rms_norm import _launch_rms_norm
+    from tritium.ops.rotary import _launch_rotary_and_cache
+
+    op, dtype, sizes = case
+    dtype = getattr(torch, dtype)
+    if op == "rms_norm":
+        shape, residual = sizes
+        x = torch.randn(shape).to(dtype)
+        out = torch.empty_like(x)
+        _launch_rms_norm(x, torch.ones(shape[-1]).to(dtype), 1e-6, x.clone() if residual else None, out,
+                         torch.empty_like(x) if residual else None)
+    elif op == "rotary_and_cache":
+        hq, hkv, d, page, slot = sizes
+        q, k = torch.randn(4, hq, d).to(dtype), torch.randn(4, hkv, d).to(dtype)
+        k_cache = torch.zeros(2, page, hkv, d).to(dtype)
+        _launch_rotary_and_cache(q, k, k.clone(), torch.arange(4), torch.ones(16, d), k_cache, k_cache.clone(),
+                                 torch.arange(4).to(getattr(torch, slot)))
+    else:
+        tokens, intermediate = sizes
+        _launch_silu_and_mul(torch.randn(tokens, 2 * intermediate).to(dtype),
+                             torch.empty(tokens, intermediate).to(dtype))
+
+
 def _describe(exc: BaseException) -> str:
     """The exception and its causes, innermost last (Triton wraps the real error of a nested call)."""
     parts = []
@@ -151,8 +192,10 @@ def main() -> dict:
         try:
             if name in ATTENTION_CASES:
                 _run_attention(ATTENTION_CASES[name])
-            else:
+            elif name in KV_CACHE_CASES:
                 _run_kv_cache(KV_CACHE_CASES[name])
+            else:
+                _run_glue(GLUE_CASES[name])
             results[name] = {"ok": True, "error": "", "shared": max(shared for _, shared in compiled)}
         except Exception as exc:
             results[name] = {"ok": False, "error": _describe(exc), "shared": 0}

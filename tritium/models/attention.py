@@ -1,4 +1,4 @@
-"""The model's one door to attention: write the step's new K/V into the paged cache, then attend.
+"""The model's one door to attention: rotate the step's new q/k, write k/v into the paged cache, then attend.
 
 The engine fills an `AttentionMetadata` once per step; every layer passes it here with its own cache.
 Two backends compute the same function: "triton" (Tritium's unified kernel, the GPU path, or the
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritium.ops import unified_attention, write_kv_cache
+from tritium.ops import rotary_and_cache, unified_attention
 from tritium.ops.attention.reference import attention_reference
 
 BACKENDS = ("triton", "reference")
@@ -29,20 +29,17 @@ class AttentionMetadata:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    meta: AttentionMetadata, scale: float, sliding_window: int | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, sliding_window: int | None,
 ) -> torch.Tensor:
-    """q [tokens, q_heads, d], k/v [tokens, kv_heads, d] -> [tokens, q_heads, d], causal."""
+    """q [tokens, q_heads, d], k/v [tokens, kv_heads, d], not yet rotated -> [tokens, q_heads, d], causal.
+    q is rotated in place; rotated k and v go into the caches, from which both backends read every key."""
+    rotary_and_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
     if meta.backend == "triton":
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         return unified_attention(q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k,
                                  meta.max_seqlen_k, scale, True, window, meta.block_table, 0.0, None, None, None)
-    valid = meta.slot_mapping >= 0
-    slots = meta.slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
     out, _ = attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seqused_k, meta.block_table, scale,
                                  window_size=window, dtype=torch.float32)
     return out.to(q.dtype)

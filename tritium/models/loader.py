@@ -36,7 +36,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     config = ModelConfig.load(model_dir)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    model.to(dtype)
+    for param in model.parameters():  # not model.to(dtype): the rotary table stays float32
+        param.data = param.data.to(dtype)
     params = dict(model.named_parameters())
     unfilled = {name: p.numel() for name, p in params.items()}
     for path in weight_files(model_dir):

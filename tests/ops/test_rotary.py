@@ -1,0 +1,227 @@
+"""`rotary_and_cache`: the Triton kernel (through the interpreter here) and the torch path against a float64
+rotation; q rotated in place, rotated k and v in the cache at their slots, padding slots untouched; the cos/sin
+table; bad arguments."""
+
+import pytest
+import torch
+
+from tests.ops.helpers import NAN, rel_err
+from tritium.ops import rotary_and_cache, rotary_cos_sin_cache
+from tritium.ops.rotary import _launch_rotary_and_cache, _rotary_and_cache_torch
+
+# ||out - ref|| / ||ref|| against float64 on the same cos/sin table: one rotation in fp32, one rounding to the dtype.
+BOUND = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MAX_POSITIONS = 512
+
+
+def inv_freq(d: int, theta: float = 10000.0) -> torch.Tensor:
+    return (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that NaN compares equal to NaN."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen, slot_dtype=torch.int64, pos_dtype=torch.int64):
+    """q, k, v as views of one fused qkv projection; random positions; distinct slots, about a quarter of them -1;
+    caches poisoned with NaN."""
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    q, k, v = split(qkv, hq, hkv, d)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(pos_dtype)
+    slots = torch.randperm(num_blocks * page, generator=gen)[:num_tokens]
+    slots[torch.rand(num_tokens, generator=gen) < 0.25] = -1
+    slots[0] = -1
+    cache = torch.full((2, num_blocks, page, hkv, d), NAN, dtype=dtype)
+    return qkv, q, k, v, positions, slots.to(slot_dtype), cache[0], cache[1]
+
+
+def split(qkv: torch.Tensor, hq: int, hkv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as strided views of a fused qkv projection's output, as the model has them."""
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
+
+
+def rotate64(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float64 rotate-half rotation of x [tokens, heads, d] with the table's cos/sin at each token's position."""
+    half = x.shape[-1] // 2
+    cos, sin = table.double()[positions.long()][:, None, :].chunk(2, dim=-1)
+    x1, x2 = x[..., :half].double(), x[..., half:].double()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def check(got, want, dtype, what):
+    assert torch.isfinite(got.float()).all(), f"{what}: non-finite values"
+    err = rel_err(got, want)
+    assert err < BOUND[dtype], f"{what}: relative error {err:.2e} >= {BOUND[dtype]:.0e}"
+
+
+CASES = [  # dtype, q heads, kv heads, head size, page size, slot dtype, position dtype
+    (torch.float32, 4, 2, 64, 16, torch.int64, torch.int64),
+    (torch.float16, 6, 2, 128, 16, torch.int32, torch.int64),
+    (torch.float32, 5, 5, 80, 8, torch.int64, torch.int32),
+    (torch.float16, 7, 1, 112, 32, torch.int64, torch.int32),
+    (torch.float32, 6, 3, 112, 16, torch.int32, torch.int32),
+]
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize(("dtype", "hq", "hkv", "d", "page", "slot_dtype", "pos_dtype"), CASES)
+def test_matches_float64(path, dtype, hq, hkv, d, page, slot_dtype, pos_dtype, gen):
+    num_tokens, num_blocks = 23, 3
+    qkv, q, k, v, positions, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen,
+                                                            slot_dtype, pos_dtype)
+    table = rotary_cos_sin_cache(inv_freq(d), MAX_POSITIONS)
+    want_q, want_k = rotate64(q, positions, table), rotate64(k, positions, table)
+    k_before, v_before = k.clone(), v.clone()
+    run = _launch_rotary_and_cache if path == "kernel" else _rotary_and_cache_torch
+    run(q, k, v, positions, table, k_cache, v_cache, slots)
+
+    check(q, want_q, dtype, "q")
+    assert torch.equal(k, k_before) and torch.equal(v, v_before), "k and v (their part of qkv) were modified"
+    valid = slots >= 0
+    assert (~valid).any() and valid.any()
+    written = slots[valid].long()
+    blocks, offsets = written // page, written % page
+    check(k_cache[blocks, offsets], want_k[valid], dtype, "k in the cache")
+    assert torch.equal(v_cache[blocks, offsets], v[valid]), "v must be copied as it is"
+    untouched = torch.ones(num_blocks * page, dtype=torch.bool)
+    untouched[written] = False
+    for cache in (k_cache, v_cache):
+        assert torch.isnan(cache.view(-1, hkv, d)[untouched]).all(), "a slot that no token names was written"
+
+
+def test_kernel_matches_torch(gen):
+    """Both paths on the same inputs, strided caches (K and V halves of one tensor, pages interleaved)."""
+    num_tokens, hq, hkv, d, page, num_blocks = 19, 6, 2, 80, 16, 3
+    _, q, k, v, positions, slots, _, _ = draw(num_tokens, hq, hkv, d, page, num_blocks, torch.float16, gen)
+    kv = torch.full((num_blocks, 2, page, hkv, d), NAN, dtype=torch.float16)
+    k_cache, v_cache = kv[:, 0], kv[:, 1]
+    table = rotary_cos_sin_cache(inv_freq(d), MAX_POSITIONS)
+    q_torch, kv_torch = q.clone(), kv.clone()
+    _launch_rotary_and_cache(q, k, v, positions, table, k_cache, v_cache, slots)
+    _rotary_and_cache_torch(q_torch, k, v, positions, table, kv_torch[:, 0], kv_torch[:, 1], slots)
+    check(q, q_torch, torch.float16, "q")
+    assert torch.equal(torch.isnan(kv), torch.isnan(kv_torch)), "the two paths wrote different slots"
+    check(kv.nan_to_num(), kv_torch.nan_to_num(), torch.float16, "cache")
+
+
+def test_all_slots_skipped(gen):
+    _, q, k, v, positions, slots, k_cache, v_cache = draw(9, 4, 2, 64, 16, 2, torch.float32, gen)
+    table = rotary_cos_sin_cache(inv_freq(64), MAX_POSITIONS)
+    want_q = rotate64(q, positions, table)
+    _launch_rotary_and_cache(q, k, v, positions, table, k_cache, v_cache, torch.full_like(slots, -1))
+    assert torch.isnan(k_cache).all() and torch.isnan(v_cache).all()
+    check(q, want_q, torch.float32, "q of padding tokens")
+
+
+def test_position_zero_is_identity(gen):
+    _, q, k, v, positions, slots, k_cache, v_cache = draw(5, 2, 2, 48, 8, 1, torch.float32, gen)
+    q_before = q.clone()
+    _launch_rotary_and_cache(q, k, v, torch.zeros_like(positions), rotary_cos_sin_cache(inv_freq(48), 4), k_cache,
+                             v_cache, slots)
+    assert torch.equal(q, q_before)
+
+
+def test_cos_sin_cache():
+    """Row p: cos then sin of p * inv_freq, within float32's rounding of the angle (about |angle| * 6e-8)."""
+    freqs = inv_freq(96, theta=500000.0)
+    table = rotary_cos_sin_cache(freqs, 4096)
+    assert table.shape == (4096, 96) and table.dtype == torch.float32
+    angles = torch.arange(4096, dtype=torch.float64)[:, None] * freqs.double()[None, :]
+    want = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    tol = 1e-6 + 1.2e-7 * torch.cat([angles, angles], dim=-1)
+    assert ((table.double() - want).abs() <= tol).all()
+
+
+def test_public_function_on_cpu(gen):
+    """The public function on CPU tensors runs the torch path."""
+    _, q, k, v, positions, slots, k_cache, v_cache = draw(7, 4, 2, 32, 4, 3, torch.float32, gen)
+    table = rotary_cos_sin_cache(inv_freq(32), MAX_POSITIONS)
+    q2, k_cache2, v_cache2 = q.clone(), k_cache.clone(), v_cache.clone()
+    rotary_and_cache(q, k, v, positions, table, k_cache, v_cache, slots)
+    _rotary_and_cache_torch(q2, k, v, positions, table, k_cache2, v_cache2, slots)
+    assert torch.equal(q, q2) and torch.equal(bits(k_cache), bits(k_cache2))
+    assert torch.equal(bits(v_cache), bits(v_cache2))
+
+
+def _valid():
+    q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
+    cache = torch.zeros(2, 16, 2, 32)
+    return {"q": q, "k": k, "v": k.clone(), "positions": torch.arange(5), "cos_sin_cache": torch.ones(8, 32),
+            "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": torch.arange(5)}
+
+
+def _strided_last(t):
+    return torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2]
+
+
+ERRORS = {
+    "q_not_tensor": ({"q": [1.0]}, r"^q must be a torch.Tensor"),
+    "positions_not_tensor": ({"positions": [0, 1, 2, 3, 4]}, r"^positions must be a torch.Tensor"),
+    "cache_device": ({"v_cache": torch.zeros(2, 16, 2, 32, device="meta")}, r"^v_cache is on meta"),
+    "q_2d": ({"q": torch.randn(5, 128)}, r"^q must be float16/bfloat16/float32"),
+    "q_int": ({"q": torch.ones(5, 4, 32, dtype=torch.int32)}, r"^q must be float16/bfloat16/float32"),
+    "odd_head_size": ({"q": torch.randn(5, 4, 33)}, r"^q's head_size must be even"),
+    "k_tokens": ({"k": torch.randn(4, 2, 32)}, r"^k must be torch.float32 \[5, num_kv_heads, 32\]"),
+    "k_dtype": ({"k": torch.randn(5, 2, 32).half()}, r"^k must be torch.float32"),
+    "v_head_size": ({"v": torch.randn(5, 2, 16)}, r"^v must be torch.float32 \[5, num_kv_heads, 32\]"),
+    "k_v_heads": ({"v": torch.randn(5, 1, 32)}, r"^k and v must have the same shape"),
+    "positions_shape": ({"positions": torch.arange(4)}, r"^positions must be int32/int64 of shape \(5,\)"),
+    "positions_float": ({"positions": torch.arange(5.0)}, r"^positions must be int32/int64"),
+    "slots_int16": ({"slot_mapping": torch.arange(5, dtype=torch.int16)}, r"^slot_mapping must be int32/int64"),
+    "table_dtype": ({"cos_sin_cache": torch.ones(8, 32, dtype=torch.float16)}, r"^cos_sin_cache must be float32"),
+    "table_width": ({"cos_sin_cache": torch.ones(8, 16)}, r"^cos_sin_cache must be float32 \[max_positions, 32\]"),
+    "cache_shapes": ({"v_cache": torch.zeros(1, 16, 2, 32)}, r"^k_cache and v_cache must be matching"),
+    "cache_heads": ({"k_cache": torch.zeros(2, 16, 4, 32), "v_cache": torch.zeros(2, 16, 4, 32)},
+                    r"^k has \(heads, head_size\) \(2, 32\)"),
+    "cache_fp8": ({"k_cache": torch.zeros(2, 16, 2, 32).to(torch.float8_e4m3fn),
+                   "v_cache": torch.zeros(2, 16, 2, 32).to(torch.float8_e4m3fn)},
+                  r"^k_cache has dtype torch.float8_e4m3fn but k has torch.float32.*fp8 cache"),
+    "q_strided": ({"q": _strided_last(torch.randn(5, 4, 32))}, r"^q must be contiguous"),
+    "v_cache_strided": ({"k_cache": _strided_last(torch.zeros(2, 16, 2, 32)),
+                         "v_cache": _strided_last(torch.zeros(2, 16, 2, 32))}, r"^k_cache must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_errors(name):
+    args = _valid()
+    rotary_and_cache(**args)  # valid as it is
+    args["k_cache"].fill_(NAN)
+    args["q"] = torch.randn(5, 4, 32)
+    q = args["q"].clone()
+    change, pattern = ERRORS[name]
+    with pytest.raises(ValueError, match=pattern):
+        rotary_and_cache(**{**args, **change})
+    assert torch.isnan(args["k_cache"]).all() and torch.equal(args["q"], q), "a rejected call wrote something"
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("hq", "hkv", "d", "page"), [(32, 8, 128, 16), (28, 4, 128, 64), (20, 4, 80, 16),
+                                                       (16, 1, 256, 32), (14, 2, 64, 16)])
+def test_gpu_matches_torch(dtype, hq, hkv, d, page):
+    """The kernel on CUDA (through the public function) against the torch path on the same CUDA tensors, at
+    Llama-3-like positions up to 8191."""
+    gen = torch.Generator().manual_seed(hq * d + page)
+    num_tokens, num_blocks = 700, 64
+    qkv, q, k, v, _, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen)
+    positions = torch.randint(0, 8192, (num_tokens,), generator=gen)
+    table = rotary_cos_sin_cache(inv_freq(d, theta=500000.0), 8192)
+    want_q, want_k = rotate64(q, positions, table), rotate64(k, positions, table)
+    q, k, v = split(qkv.cuda(), hq, hkv, d)
+    positions, slots, table, k_cache, v_cache = (t.cuda() for t in (positions, slots, table, k_cache, v_cache))
+    q_torch, k_cache_torch, v_cache_torch = q.clone(), k_cache.clone(), v_cache.clone()
+    rotary_and_cache(q, k, v, positions, table, k_cache, v_cache, slots)
+    _rotary_and_cache_torch(q_torch, k, v, positions, table, k_cache_torch, v_cache_torch, slots)
+    check(q, q_torch, dtype, "q vs torch")
+    check(q, want_q, dtype, "q vs float64")
+    assert torch.equal(torch.isnan(k_cache), torch.isnan(k_cache_torch)), "the two paths wrote different slots"
+    assert torch.equal(v_cache.nan_to_num(), v_cache_torch.nan_to_num())
+    check(k_cache.nan_to_num(), k_cache_torch.nan_to_num(), dtype, "k cache vs torch")
+    valid = (slots >= 0).cpu()
+    written = slots.cpu()[valid]
+    check(k_cache.cpu()[written // page, written % page], want_k[valid], dtype, "k cache vs float64")
