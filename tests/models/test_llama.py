@@ -27,10 +27,11 @@ FAMILIES = {
 PAGE = 4
 
 
-def save_family(name: str, path, seed: int = 0) -> transformers.PreTrainedModel:
+def save_family(name: str, path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """Save a tiny random model of the family (SMALL sizes, changed by `overrides`) as a Hugging Face folder."""
     config_cls, model_cls, extra = FAMILIES[name]
     torch.manual_seed(seed)
-    hf = model_cls(config_cls(**{**SMALL, **extra})).float().eval()
+    hf = model_cls(config_cls(**{**SMALL, **extra, **overrides})).float().eval()
     with torch.no_grad():  # random biases and norms too, so that skipping one would show
         for pname, p in hf.named_parameters():
             if "norm" in pname or pname.endswith("bias"):

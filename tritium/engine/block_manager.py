@@ -80,11 +80,12 @@ class BlockManager:
         for _ in range(self.pages_missing(seq)):
             seq.block_table.append(self._take())
 
-    def commit_full_pages(self, seq: Sequence) -> None:
-        """Record hashes of the pages the model has now filled, so later prompts can share them."""
+    def commit_full_pages(self, seq: Sequence, num_tokens: int) -> None:
+        """Name the pages that are full once the first `num_tokens` tokens are in the cache, so that prompts
+        allocated after this call share them, even in the same step (each layer writes K/V before attending)."""
         if not self.prefix_caching:
             return
-        full = seq.num_computed // self.block_size
+        full = num_tokens // self.block_size
         if full <= len(seq.page_hashes):
             return  # no page filled since the last call (most decode steps)
         tokens = seq.tokens

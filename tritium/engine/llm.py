@@ -1,50 +1,112 @@
-"""`LLM`: offline batched generation, shaped like vLLM's (`generate` returns `RequestOutput`s in order)."""
+"""`LLM`: offline batched generation shaped like vLLM's: text or token-id prompts, or chat conversations in;
+one `RequestOutput` per prompt out, in order, holding its n samples."""
 
+import itertools
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
+from tritium.engine.sequence import Sequence
+from tritium.engine.tokenizer import Tokenizer
+
+Prompt = str | dict  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
 
 @dataclass
 class CompletionOutput:
+    """One sample: its text ("" without a tokenizer), token ids, and logprobs when they were asked for."""
+
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None  # per generated token: {token id: logprob}, most likely first
+    finish_reason: str | None  # "stop" or "length"
+    stop_reason: int | str | None = None  # the stop token id or stop string; None for end-of-sequence or length
 
 
 @dataclass
 class RequestOutput:
     request_id: str
-    prompt: str | None
+    prompt: str | None  # the text prompt when one was given (for chat, the rendered conversation)
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # the samples, in index order
 
 
 class LLM:
-    """LLM(model_dir, **engine options); see `LLMEngine` for the options (dtype, block_size, max_model_len,
-    max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_blocks, gpu_memory_utilization)."""
+    """LLM(model_dir, skip_tokenizer_init=False, **engine options); see `LLMEngine` for the options (dtype,
+    block_size, max_model_len, max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_blocks,
+    gpu_memory_utilization). With skip_tokenizer_init=True prompts are token ids and outputs carry no text."""
 
-    def __init__(self, model: str, **engine_options) -> None:
-        self.engine = LLMEngine(model, **engine_options)
+    def __init__(self, model: str, skip_tokenizer_init: bool = False, **engine_options) -> None:
+        self.engine = LLMEngine(model, skip_tokenizer_init=skip_tokenizer_init, **engine_options)
+        self._request_ids = itertools.count()
 
-    def generate(self, prompts: list, params: SamplingParams | None = None, use_tqdm: bool = True,
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
                  ) -> list[RequestOutput]:
-        """Prompts are {"prompt_token_ids": [...]} dicts (text prompts arrive with tokenizer support)."""
-        params = params or SamplingParams()
-        token_lists = []
-        for i, p in enumerate(prompts):
-            if not isinstance(p, dict) or "prompt_token_ids" not in p:
-                raise ValueError(f"prompt {i}: give {{'prompt_token_ids': [...]}}; text prompts need a tokenizer, "
-                                 "which this version does not load yet")
-            token_lists.append(list(p["prompt_token_ids"]))
-            self.engine.check_request(token_lists[-1], params)  # every prompt checked before any is queued
-        seqs = [self.engine.add_request(ids, params, str(i)) for i, ids in enumerate(token_lists)]
-        with tqdm(total=len(seqs), desc="generating", unit="request", disable=not use_tqdm) as bar:
+        """One prompt or a list; `params` for all of them or one per prompt. All are checked before any is queued."""
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        requests = [self._parse(i, p) for i, p in enumerate(prompts)]
+        return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation ([{"role": ..., "content": ...}, ...]) or a list of them, through the model's chat
+        template; one RequestOutput per conversation."""
+        tokenizer = self._tokenizer("chat")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        # The template writes the special tokens itself: none are added on encoding (as transformers and vLLM do).
+        requests = [(t, tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+
+    def _parse(self, i: int, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of one prompt."""
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return None, list(prompt["prompt_token_ids"])
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise ValueError(f"prompt {i}: give a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}")
+        return text, self._tokenizer(f"prompt {i} is text, which").encode(text)
+
+    def _tokenizer(self, what: str) -> Tokenizer:
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, but this LLM was made with skip_tokenizer_init=True: "
+                             "give prompts as {'prompt_token_ids': [...]}")
+        return self.engine.tokenizer
+
+    def _run(self, requests: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool,
+             ) -> list[RequestOutput]:
+        for (_, ids), p in zip(requests, params):
+            self.engine.check_request(ids, p)  # every request checked before any is queued
+        queued = []
+        for (text, ids), p in zip(requests, params):
+            request_id = str(next(self._request_ids))
+            queued.append((RequestOutput(request_id, text, ids), self.engine.add_request(ids, p, request_id)))
+        total = sum(len(seqs) for _, seqs in queued)
+        with tqdm(total=total, desc="generating", unit="sequence", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 bar.update(len(self.engine.step()))
-        return [RequestOutput(s.request_id, None, s.prompt_ids,
-                              [CompletionOutput(0, "", list(s.output_ids), s.finish_reason)]) for s in seqs]
+        for out, seqs in queued:
+            out.outputs = [_completion(s) for s in seqs]
+        return [out for out, _ in queued]
+
+
+def _per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if isinstance(params, list):
+        if len(params) != count:
+            raise ValueError(f"{len(params)} SamplingParams for {count} prompts: give one, or one per prompt")
+        return params
+    return [params or SamplingParams()] * count
+
+
+def _completion(seq: Sequence) -> CompletionOutput:
+    asked = seq.params.logprobs is not None
+    return CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids),
+                            cumulative_logprob=seq.cumulative_logprob if asked else None,
+                            logprobs=seq.logprobs if asked else None, finish_reason=seq.finish_reason,
+                            stop_reason=seq.stop_reason)

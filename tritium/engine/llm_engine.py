@@ -1,4 +1,5 @@
-"""The engine loop: requests in, one scheduled step at a time, finished sequences out."""
+"""The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
+logprobs, stop conditions checked; finished sequences out."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from tritium.engine.model_runner import ModelRunner
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
+from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.loader import load_model
 
 
@@ -18,8 +20,9 @@ class LLMEngine:
         self, model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
         block_size: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256, enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9, attention_backend: str | None = None,
+        gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
     ) -> None:
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer(model_dir)  # first: a missing file fails fast
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -29,6 +32,8 @@ class LLMEngine:
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.eos_ids = _eos_ids(Path(model_dir))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
         if num_kv_blocks is None:
             num_kv_blocks = _kv_blocks(self.model, device, block_size, gpu_memory_utilization, self.max_model_len)
         if num_kv_blocks * block_size < self.max_model_len:
@@ -39,12 +44,16 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
-        """Queue a request; a bad one raises ValueError here and leaves the others untouched."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
+        """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others
+        untouched. The samples share the prompt's KV pages through the prefix cache."""
         self.check_request(prompt_ids, params)
-        seq = Sequence(list(prompt_ids), params, request_id)
-        self.scheduler.add(seq)
-        return seq
+        seqs = [Sequence(list(prompt_ids), params, request_id, index=k) for k in range(params.n)]
+        for seq in seqs:
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            self.scheduler.add(seq)
+        return seqs
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a request, before it is queued."""
@@ -56,6 +65,11 @@ class LLMEngine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs ({params.logprobs}) exceeds the vocabulary ({vocab} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
+                             "use stop_token_ids")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -69,25 +83,50 @@ class LLMEngine:
         finished = []
         for seq, n in batch:
             seq.num_computed += n
-            self.blocks.commit_full_pages(seq)
-            token = sampled.get(seq.seq_id)
-            if token is None:
+            if seq.seq_id not in sampled:
                 continue
-            seq.output_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            reason = self._record(seq, *sampled[seq.seq_id])
             if reason:
                 self.scheduler.finish(seq, reason)
                 self.runner.release(seq)
                 finished.append(seq)
         return finished
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
+        """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            return "stop"
-        if len(seq.output_ids) >= p.max_tokens:
-            return "length"
-        return None
+        seq.output_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
+        reason = None
+        if token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.eos_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if seq.detokenizer is None:
+            return reason
+        # A stop token's own text is left out, as a stop string's is.
+        text = seq.detokenizer.add(token) if reason != "stop" or p.include_stop_str_in_output else ""
+        if reason:
+            text += seq.detokenizer.flush()
+        start = len(seq.text)
+        seq.text += text
+        hit = _find_stop(seq.text, start, p.stop)
+        if hit is None:
+            return reason
+        at, stop = hit
+        seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
+        seq.stop_reason = stop
+        return "stop"
+
+
+def _find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first stop string in `text` that ends in its new part `text[start:]`: (where it begins, which)."""
+    hits = [(at, s) for s in stops if (at := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits, key=lambda hit: (hit[0], len(hit[1]))) if hits else None
 
 
 def _eos_ids(model_dir: Path) -> set[int]:

@@ -20,8 +20,9 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
-        """Run `n` tokens of each sequence; returns the sampled token of each sequence whose context is done."""
+    def step(self, batch: list[tuple[Sequence, int]]) -> dict[int, tuple[int, dict[int, float] | None]]:
+        """Run `n` tokens of each sequence; returns (sampled token, its logprobs if asked) of each sequence whose
+        context is done, by seq_id."""
         ids, positions, slots, cu, used, tables = [], [], [], [0], [], []
         for seq, n in batch:
             start = seq.num_computed
@@ -45,14 +46,15 @@ class ModelRunner:
             return {}
         logits = self.model.logits(hidden[[cu[i + 1] - 1 for i in done]])
         seqs = [batch[i][0] for i in done]
-        tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
-        return {s.seq_id: t for s, t in zip(seqs, tokens, strict=True)}
+        tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
+        return {s.seq_id: (t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)}
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:
             return None
         if seq.seq_id not in self.generators:
-            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+            # Each of a request's samples has its own stream, so they differ and still reproduce.
+            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed + seq.index)
         return self.generators[seq.seq_id]
 
     def release(self, seq: Sequence) -> None:

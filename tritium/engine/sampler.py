@@ -1,27 +1,62 @@
-"""Next-token choice on the logits' device: greedy, or temperature with top-k, top-p and min-p filters."""
+"""Next-token choice on the logits' device, one batched pass: greedy, or temperature with top-k, top-p and min-p
+filters; and the logprobs a request asks for (of the raw logits, before temperature and filters, as vLLM reports)."""
 
 import torch
 
 from tritium.engine.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of logits [rows, vocab] (float32)."""
-    out = logits.argmax(dim=-1)
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           ) -> tuple[list[int], list[dict[int, float] | None]]:
+    """One token per row of logits [rows, vocab] (float32), and for each row that asks, {token id: logprob} of the
+    top `logprobs` tokens in descending order plus the chosen token (last when it is not among them)."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = _sample_rows(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
+    token_list = tokens.tolist()
+    return token_list, _logprobs(logits, tokens, token_list, [p.logprobs for p in params])
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 ) -> torch.Tensor:
+    column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits / column([p.temperature for p in params]), dim=-1)
+    # Filters in rank order, each on what the previous left: top-k, then min-p, then top-p of the remaining mass.
+    probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.arange(vocab, device=logits.device) < column([p.top_k or vocab for p in params])
+    keep &= probs >= column([p.min_p for p in params]) * probs[:, :1]
+    kept = probs * keep
+    mass_before = kept.cumsum(dim=-1) - kept
+    top_p = column([p.top_p for p in params])
+    keep &= (mass_before < top_p * kept.sum(dim=-1, keepdim=True)) | (top_p >= 1)  # rounding: 1 must keep all
+    # argmax(p / E) with E ~ Exp(1) i.i.d. picks index i with probability p_i / sum(p): one draw per row, while
+    # each seeded row takes its noise from its own generator so that it reproduces whatever else is in the batch.
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    choice = torch.where(keep, probs / noise, -1.0).argmax(dim=-1, keepdim=True)
+    return order.gather(1, choice).squeeze(1)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_list: list[int], ks: list[int | None],
+              ) -> list[dict[int, float] | None]:
+    if all(k is None for k in ks):
+        return [None] * len(ks)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(max(k or 0 for k in ks), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out: list[dict[int, float] | None] = []
+    for row, k in enumerate(ks):
+        if k is None:
+            out.append(None)
             continue
-        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
-        if p.top_k:
-            kth = torch.topk(probs, min(p.top_k, probs.numel())).values[-1]
-            probs = torch.where(probs >= kth, probs, 0.0)
-        if p.min_p > 0:
-            probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-            keep = torch.zeros_like(probs, dtype=torch.bool)
-            keep[order] = before < p.top_p * sorted_probs.sum()
-            probs = torch.where(keep, probs, 0.0)
-        out[row] = torch.multinomial(probs / probs.sum(), 1, generator=gen)[0]
-    return out.tolist()
+        entry = dict(zip(top_ids[row][:k], top_values[row][:k]))
+        entry.setdefault(token_list[row], chosen[row])
+        out.append(entry)
+    return out

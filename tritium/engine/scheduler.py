@@ -44,9 +44,7 @@ class Scheduler:
                     break
             else:
                 self.blocks.grow(seq)
-                n = min(seq.num_uncomputed, budget)
-                batch.append((seq, n))
-                budget -= n
+                budget -= self._add(batch, seq, budget)
                 i += 1
                 continue
             break  # seq itself was preempted: nothing newer is left running
@@ -57,10 +55,15 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed, budget)
-            batch.append((seq, n))
-            budget -= n
+            budget -= self._add(batch, seq, budget)
         return batch
+
+    def _add(self, batch: list[tuple[Sequence, int]], seq: Sequence, budget: int) -> int:
+        """Put as many of the sequence's tokens as the budget allows into the batch; returns how many."""
+        n = min(seq.num_uncomputed, budget)
+        batch.append((seq, n))
+        self.blocks.commit_full_pages(seq, seq.num_computed + n)  # later samples of the same prompt share them now
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_sequence(seq)

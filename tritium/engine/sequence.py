@@ -1,10 +1,11 @@
-"""A request's token sequence and where it stands: waiting, running (part-prefilled or decoding), finished."""
+"""One sample of a request: its tokens, text and logprobs, and where it stands: waiting, running, finished."""
 
 import enum
 import itertools
 from dataclasses import dataclass, field
 
 from tritium.engine.sampling_params import SamplingParams
+from tritium.engine.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -21,13 +22,19 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = ""
+    index: int = 0  # which of the request's n samples
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)  # page ids, in order
     num_computed: int = 0  # tokens whose K/V are in the cache (prefix hits included)
-    page_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its first full computed pages
+    page_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its first full pages
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    detokenizer: IncrementalDetokenizer | None = None  # None without a tokenizer: no text
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # filled when params.logprobs is set
+    cumulative_logprob: float = 0.0
 
     @property
     def tokens(self) -> list[int]:
