@@ -32,3 +32,23 @@ def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_step_roofline(steps: list[dict], title: str, path: Path) -> None:
+    """Each engine step's time, and each decode step's share of the memory roofline, against the step index."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    decode = [(i, s) for i, s in enumerate(steps) if s.get("roofline") is not None]
+    other = [(i, s) for i, s in enumerate(steps) if s.get("roofline") is None]
+    top.scatter([i for i, _ in decode], [s["ms"] for _, s in decode], s=4, label="decode-only steps")
+    top.scatter([i for i, _ in other], [s["ms"] for _, s in other], s=4, label="steps with prefill tokens")
+    top.set_ylabel("step ms")
+    top.legend(fontsize=8)
+    bottom.scatter([i for i, _ in decode], [100 * s["roofline"] for _, s in decode], s=4)
+    bottom.set_ylabel("% of memory roofline")
+    bottom.set_xlabel("engine step")
+    bottom.set_ylim(0, 105)
+    top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -2,6 +2,7 @@
 logprobs, stop conditions checked; finished sequences out."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,26 +13,43 @@ from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from tritium.models.loader import load_model
+from tritium.models.config import ModelConfig
+from tritium.models.loader import load_model, random_model
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step ran: sequences, query tokens, and keys attended (context tokens, new ones included)."""
+
+    num_seqs: int
+    num_tokens: int
+    context_tokens: int
 
 
 class LLMEngine:
+    """The engine over a model folder, or over a `ModelConfig` with seeded random weights in its shape (benchmarks;
+    no tokenizer then)."""
+
     def __init__(
-        self, model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
+        self, model: str | Path | ModelConfig, dtype: str | torch.dtype = "auto", device: str | None = None,
         block_size: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256, enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
     ) -> None:
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer(model_dir)  # first: a missing file fails fast
+        if isinstance(model, ModelConfig) and not skip_tokenizer_init:
+            raise ValueError("random weights come without a tokenizer: pass skip_tokenizer_init=True")
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer(model)  # first: a missing file fails fast
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        self.model = load_model(model_dir, dtype, device)
+        if isinstance(model, ModelConfig):
+            self.model, self.eos_ids = random_model(model, dtype, device), set()
+        else:
+            self.model, self.eos_ids = load_model(model, dtype, device), _eos_ids(Path(model))
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.eos_ids = _eos_ids(Path(model_dir))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         if num_kv_blocks is None:
@@ -43,6 +61,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend)
+        self.last_step = StepStats(0, 0, 0)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
         """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others
@@ -79,6 +98,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
+        self.last_step = StepStats(len(batch), sum(n for _, n in batch), sum(s.num_computed + n for s, n in batch))
         sampled = self.runner.step(batch)
         finished = []
         for seq, n in batch:

@@ -76,3 +76,19 @@ def _place(name: str, model: torch.nn.Module, params: dict) -> tuple[str | None,
             if target in params:
                 return target, model.get_submodule(target.rsplit(".", 1)[0]).shards[shard]
     return None, None
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                 ) -> LlamaForCausalLM:
+    """Seeded random weights in the family's shape (matrices normal with std 0.02, norms 1): benchmarks of a
+    real model's shape with nothing downloaded."""
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        param.data = param.data.to(dtype)
+        if "norm" in name:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=g)
+    return model.eval()

@@ -1,0 +1,97 @@
+"""`tritium bench throughput`'s parts that run without a GPU: the workload, the random-weight engine, the mapping
+of Tritium's weights onto transformers' model, the model shapes, and the command's argument checks."""
+
+import pytest
+import torch
+
+from tests.models.test_llama import save_family
+from tritium.bench.hf_peer import hf_state_dict
+from tritium.bench.model_shapes import MODEL_SHAPES
+from tritium.bench.throughput import Workload
+from tritium.cli import main
+from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.sampling_params import SamplingParams
+from tritium.models.config import ModelConfig
+from tritium.models.loader import load_model
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+
+
+def test_workload_lengths_are_in_range_and_reproducible():
+    w = Workload(num_prompts=50, input_len=(3, 9), output_len=(1, 4), seed=7)
+    reqs = w.requests(vocab_size=11)
+    assert len(reqs) == 50
+    assert all(3 <= len(ids) <= 9 and 1 <= n <= 4 and all(0 <= t < 11 for t in ids) for ids, n in reqs)
+    assert {len(ids) for ids, _ in reqs} == set(range(3, 10))  # the whole range is drawn
+    assert reqs == w.requests(vocab_size=11)
+    assert reqs != Workload(50, (3, 9), (1, 4), seed=8).requests(vocab_size=11)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_model_shapes_parse(name):
+    cfg = ModelConfig.from_dict({**MODEL_SHAPES[name], "torch_dtype": "bfloat16"})
+    assert cfg.num_heads % cfg.num_kv_heads == 0 and cfg.head_dim * cfg.num_heads >= cfg.hidden_size // 2
+
+
+def test_llama_31_8b_shape_has_8b_parameters():
+    cfg = ModelConfig.from_dict({**MODEL_SHAPES["llama-3.1-8b"], "torch_dtype": "bfloat16"})
+    d, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * cfg.intermediate_size + 2 * d
+    total = cfg.num_layers * per_layer + 2 * cfg.vocab_size * d + d
+    assert total == 8_030_261_248  # Meta's published count for Llama 3.1 8B
+
+
+def test_engine_on_random_weights_runs_and_counts_its_steps():
+    raw = {**MODEL_SHAPES["qwen3-0.6b"], "torch_dtype": "float32", "num_hidden_layers": 2, "vocab_size": 512,
+           "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16}
+    cfg = ModelConfig.from_dict(raw)
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
+        LLMEngine(cfg, device="cpu")
+    engine = LLMEngine(cfg, device="cpu", skip_tokenizer_init=True, block_size=4, max_model_len=64)
+    engine.add_request([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.add_request([7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert (engine.last_step.num_seqs, engine.last_step.num_tokens, engine.last_step.context_tokens) == (2, 7, 7)
+    engine.step()  # two decodes: each attends its whole context, the new token included
+    assert (engine.last_step.num_seqs, engine.last_step.num_tokens, engine.last_step.context_tokens) == (2, 2, 9)
+    while engine.has_unfinished():
+        engine.step()
+    norms = [p for n, p in engine.model.named_parameters() if "norm" in n]
+    assert norms and all(bool((p == 1).all()) for p in norms)
+    assert 0.015 < engine.model.lm_head.weight.std().item() < 0.025
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+def test_hf_state_dict_is_transformers_state_dict(family, tmp_path):
+    hf = save_family(family, tmp_path)
+    ours = hf_state_dict(load_model(tmp_path, torch.float32, "cpu"))
+    theirs = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
+    if hf.config.tie_word_embeddings:
+        theirs.pop("lm_head.weight")
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
+
+
+@cpu_only
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give one of --model-config NAME or --model DIR"),
+    (["--model-config", "llama-3.1-8b", "--model", "x"], "give one of"),
+    (["--model-config", "gpt-5"], "unknown --model-config 'gpt-5'"),
+    (["--model-config", "qwen3-0.6b", "--input-len", "9", "3"], "--input-len needs 1 <= MIN <= MAX"),
+    (["--model-config", "qwen3-0.6b", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+])
+def test_bench_throughput_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "throughput", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@cpu_only
+def test_bench_throughput_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "throughput", "--model-config", "qwen3-0.6b"])
+    assert exit_info.value.code == 2
+    assert "needs a GPU" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""`tritium bench throughput`: offline generation speed of the engine, with Hugging Face transformers as the peer.
+
+Random weights in a real model's shape (no download) or a model folder; prompts of random token ids with
+input and output lengths drawn uniformly, EOS ignored. Reports requests/s and tokens/s, and for each decode
+step (a step that runs only decodes) the share of the memory roofline it reached: the bytes the step must
+read (every weight once, plus each sequence's cached K/V) over the copy bandwidth measured in the same run,
+divided by the step's time. `--single` runs one stream instead (the latency mode).
+"""
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tritium.bench.ceilings import measure_ceilings
+from tritium.bench.environment import describe_environment
+from tritium.bench.hf_peer import hf_model_like, hf_state_dict
+from tritium.bench.model_shapes import MODEL_SHAPES
+from tritium.bench.plots import plot_step_roofline
+from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.sampling_params import SamplingParams
+from tritium.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_prompts: int = 256
+    input_len: tuple[int, int] = (100, 1024)
+    output_len: tuple[int, int] = (100, 1024)
+    seed: int = 0
+
+    def requests(self, vocab_size: int) -> list[tuple[list[int], int]]:
+        """(prompt token ids, output length) pairs, lengths uniform in their ranges (inclusive)."""
+        g = torch.Generator().manual_seed(self.seed)
+
+        def draw(lo: int, hi: int) -> int:
+            return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+        out = []
+        for _ in range(self.num_prompts):
+            n_in, n_out = draw(*self.input_len), draw(*self.output_len)
+            out.append((torch.randint(0, vocab_size, (n_in,), generator=g).tolist(), n_out))
+        return out
+
+
+def run_throughput_bench(
+    model: str, workload: Workload, single: bool = False, hf_prompts: int = 32,
+    out_dir: Path = Path("benchmarks/results"), **engine_options,
+) -> dict:
+    """Time the engine (and transformers' generate on a subset) on one workload; write JSON + PNG into out_dir."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("tritium bench throughput needs a GPU (the CPU path exists for correctness, not speed)")
+    device = torch.device("cuda")
+    source: str | ModelConfig = model
+    if model in MODEL_SHAPES:
+        raw_config = {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
+        source = ModelConfig.from_dict(raw_config)
+    else:
+        raw_config = json.loads((Path(model) / "config.json").read_text())
+    if single:
+        workload = Workload(1, workload.input_len, workload.output_len, workload.seed)
+    env = describe_environment(device)
+    ceilings = measure_ceilings(device)
+    engine = LLMEngine(source, skip_tokenizer_init=True, **engine_options)
+    cfg = engine.model.config
+    requests = workload.requests(cfg.vocab_size)
+    _warm_up(engine, requests)
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
+                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a lookup reads a few rows only
+    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model.lm_head.weight.itemsize
+
+    steps, start = [], time.perf_counter()
+    for i, (ids, n_out) in enumerate(requests):
+        engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, max_tokens=n_out, ignore_eos=True), str(i))
+    with tqdm(total=len(requests), desc="generating", unit="request") as bar:
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            finished = engine.step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+            s = engine.last_step
+            row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
+            if row["decode_only"]:
+                floor_ms = (weight_bytes + s.context_tokens * kv_bytes_per_token) / (ceilings["copy_tb_per_s"] * 1e9)
+                row["roofline"] = floor_ms / ms
+            steps.append(row)
+            bar.update(len(finished))
+    elapsed = time.perf_counter() - start
+    n_in = sum(len(ids) for ids, _ in requests)
+    n_out = sum(n for _, n in requests)
+    decode = [r for r in steps if r["decode_only"]]
+    report = {
+        "environment": env, "ceilings": ceilings, "model": model, "workload": workload.__dict__, "single": single,
+        "engine_options": {k: str(v) for k, v in engine_options.items()},
+        "tritium": {
+            "seconds": elapsed, "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": n_out / elapsed,
+            "total_tokens_per_s": (n_in + n_out) / elapsed, "steps": len(steps), "decode_steps": len(decode),
+            "decode_roofline_median": statistics.median(r["roofline"] for r in decode) if decode else math.nan,
+            # time-weighted: the roofline time of all decode steps over their measured time
+            "decode_roofline_overall": (sum(r["roofline"] * r["ms"] for r in decode) / sum(r["ms"] for r in decode)
+                                        if decode else math.nan),
+        },
+        "steps": steps,
+    }
+    hf_weights = None
+    if hf_prompts and _has_transformers():  # kept on the host while the engine's KV pool is released
+        hf_weights = {k: v.detach().to("cpu") for k, v in hf_state_dict(engine.model).items()}
+    family, dtype = cfg.family, engine.model.lm_head.weight.dtype
+    del engine
+    torch.cuda.empty_cache()
+    report["transformers"] = None
+    if hf_weights is not None:
+        hf = hf_model_like(hf_weights, raw_config, family, dtype)
+        del hf_weights
+        report["transformers"] = _transformers_peer(hf, requests[:hf_prompts])
+    _print(report)
+    name = (f"throughput-{env['card'].replace(' ', '_')}-{model.replace('/', '_')}-{'single' if single else 'batch'}"
+            f"-{env['date'][:10]}-{env['commit']}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
+    print(f"wrote {out_dir / name}.json and .png")
+    return report
+
+
+def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
+    """Compile the kernels the run will meet (a prefill, a mixed step, decodes) outside the timed region."""
+    for i, (ids, _) in enumerate(requests[:4]):
+        engine.add_request(ids[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), f"warm{i}")
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _transformers_peer(hf: torch.nn.Module, requests: list[tuple[list[int], int]]) -> dict:
+    """transformers' generate on the same weights for a subset of the requests, in batches of 8 with left padding;
+    each batch runs to its longest output, the output tokens counted are the ones asked for."""
+    n_out, start = 0, time.perf_counter()
+    for b in range(0, len(requests), 8):
+        batch = requests[b:b + 8]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device="cuda")
+        longest = max(n for _, n in batch)
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                        pad_token_id=0)
+        n_out += sum(n for _, n in batch)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    n_in = sum(len(p) for p, _ in requests)
+    return {"requests": len(requests), "seconds": elapsed, "output_tokens_per_s": n_out / elapsed,
+            "total_tokens_per_s": (n_in + n_out) / elapsed}
+
+
+def _print(report: dict) -> None:
+    t, hf = report["tritium"], report["transformers"]
+    print(f"{report['environment']['card']} | {report['model']} | commit {report['environment']['commit']}")
+    print(f"tritium: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s, "
+          f"{t['total_tokens_per_s']:.0f} total tok/s; decode steps {t['decode_steps']} at "
+          f"{t['decode_roofline_median']:.0%} of the memory roofline (median), {t['decode_roofline_overall']:.0%} "
+          "time-weighted")
+    if hf:
+        print(f"transformers ({hf['requests']} requests): {hf['output_tokens_per_s']:.0f} output tok/s, "
+              f"{hf['total_tokens_per_s']:.0f} total tok/s")
