@@ -11,6 +11,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritium", description="LLM inference around one unified Triton kernel.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    gen = commands.add_parser("generate", help="generate text: prompts streamed to the terminal, or JSONL in and out")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts, each streamed in turn")
+    gen.add_argument("--model", default=None, metavar="DIR",
+                     help="Hugging Face model folder (default: the small model that ships with Tritium)")
+    gen.add_argument("--input", type=Path, default=None, help="JSONL of {prompt | prompt_token_ids | messages}")
+    gen.add_argument("--output", type=Path, default=None, help="JSONL results (default: standard output)")
+    gen.add_argument("--chat", action="store_true", help="send each PROMPT as a user message through the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt (JSONL mode)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--block-size", type=int, default=16, help="KV-cache page size in tokens")
+    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    gen.add_argument("--max-num-seqs", type=int, default=256)
+    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    gen.add_argument("--no-prefix-caching", action="store_true")
+    gen.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out (JSONL mode)")
+
     bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run")
     suites = bench.add_subparsers(dest="suite", required=True)
     kernels = suites.add_parser("kernels", help="the attention scenario suite against FlashAttention-3 and others")
@@ -44,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="JSON file to merge the winners into (default: the user cache the kernel reads)")
 
     args = parser.parse_args(argv)
-    if args.command == "tune":
+    if args.command == "generate":
+        _generate(parser, args)
+    elif args.command == "tune":
         import torch
 
         from tritium.bench.tune import tune as run_tune
@@ -86,6 +113,30 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as exc:
             parser.exit(2, f"tritium bench throughput: {exc}\n")
     return 0
+
+
+def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if bool(args.prompts) == (args.input is not None):
+        parser.error("give PROMPT arguments or --input FILE (one of the two)")
+    if args.output is not None and args.input is None:
+        parser.error("--output goes with --input (prompts on the command line stream to the terminal)")
+    from tritium.engine.sampling_params import SamplingParams
+    from tritium.generate import run_generate
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                seed=args.seed, max_tokens=args.max_tokens, n=args.n, stop=args.stop,
+                                ignore_eos=args.ignore_eos)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run_generate(args.model, args.prompts, args.input, args.output, params, chat=args.chat, dtype=args.dtype,
+                     max_model_len=args.max_model_len, block_size=args.block_size,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                     gpu_memory_utilization=args.gpu_memory_utilization,
+                     enable_prefix_caching=not args.no_prefix_caching, skip_tokenizer_init=args.skip_tokenizer_init)
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"tritium generate: {exc}\n")
 
 
 def _model_shapes() -> list[str]:

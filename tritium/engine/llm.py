@@ -2,6 +2,7 @@
 one `RequestOutput` per prompt out, in order, holding its n samples."""
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -63,6 +64,24 @@ class LLM:
         # The template writes the special tokens itself: none are added on encoding (as transformers and vLLM do).
         requests = [(t, tokenizer.encode(t, add_special_tokens=False)) for t in texts]
         return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate for one prompt (one sample), yielding its text as it grows. The tail that could still turn out
+        to be the start of a stop string is held back until it cannot, so the pieces join to the final text."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"stream gives one sample; got n={params.n}")
+        _, ids = self._parse(0, prompt)
+        self._tokenizer("streaming text")
+        (seq,) = self.engine.add_request(ids, params, str(next(self._request_ids)))
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        sent = 0
+        while seq.finish_reason is None:
+            self.engine.step()
+            end = len(seq.text) if seq.finish_reason else max(sent, len(seq.text) - hold)
+            if end > sent:
+                yield seq.text[sent:end]
+                sent = end
 
     def _parse(self, i: int, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of one prompt."""
