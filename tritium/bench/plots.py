@@ -42,6 +42,7 @@ def plot_step_roofline(steps: list[dict], title: str, path: Path) -> None:
     top.scatter([i for i, _ in decode], [s["ms"] for _, s in decode], s=4, label="decode-only steps")
     top.scatter([i for i, _ in other], [s["ms"] for _, s in other], s=4, label="steps with prefill tokens")
     top.set_ylabel("step ms")
+    top.set_yscale("log")  # JIT compiles of new problem classes show as rare steps of seconds
     top.legend(fontsize=8)
     bottom.scatter([i for i, _ in decode], [100 * s["roofline"] for _, s in decode], s=4)
     bottom.set_ylabel("% of memory roofline")
