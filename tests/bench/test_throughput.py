@@ -7,7 +7,7 @@ import torch
 from tests.models.test_llama import save_family
 from tritium.bench.hf_peer import hf_state_dict
 from tritium.bench.model_shapes import MODEL_SHAPES
-from tritium.bench.throughput import Workload
+from tritium.bench.throughput import Workload, _warm_up
 from tritium.cli import main
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
@@ -60,6 +60,26 @@ def test_engine_on_random_weights_runs_and_counts_its_steps():
     norms = [p for n, p in engine.model.named_parameters() if "norm" in n]
     assert norms and all(bool((p == 1).all()) for p in norms)
     assert 0.015 < engine.model.lm_head.weight.std().item() < 0.025
+
+
+def test_warm_up_meets_every_power_of_two_decode_batch():
+    raw = {**MODEL_SHAPES["llama-3.2-1b"], "torch_dtype": "float32", "num_hidden_layers": 1, "vocab_size": 64,
+           "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+    engine = LLMEngine(ModelConfig.from_dict(raw), device="cpu", skip_tokenizer_init=True, block_size=4,
+                       max_model_len=64, max_num_seqs=8)
+    sizes = []
+    step = engine.step
+
+    def counting_step():
+        finished = step()
+        if engine.last_step.num_tokens == engine.last_step.num_seqs:
+            sizes.append(engine.last_step.num_seqs)
+        return finished
+
+    engine.step = counting_step
+    _warm_up(engine, Workload(20, (5, 30), (1, 2)).requests(64))
+    assert {1, 2, 4, 8} <= set(sizes) and max(sizes) == 8
+    assert not engine.has_unfinished() and engine.blocks.num_free == len(engine.blocks.ref_count)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])

@@ -129,12 +129,20 @@ def run_throughput_bench(
 
 
 def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
-    """Compile the kernels the run will meet (a prefill, a mixed step, decodes) outside the timed region."""
-    for i, (ids, _) in enumerate(requests[:4]):
-        engine.add_request(ids[:64], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), f"warm{i}")
-    while engine.has_unfinished():
-        engine.step()
-    torch.cuda.synchronize()
+    """Compile, outside the timed region, the kernels the run will meet: prefills, mixed steps, and decode steps
+    at every power-of-two batch size up to the run's (each size class may have its own attention config)."""
+    size = 1
+    while True:
+        for i in range(size):
+            ids = requests[i % len(requests)][0][:16]
+            engine.add_request(ids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), f"warm{size}-{i}")
+        while engine.has_unfinished():
+            engine.step()
+        if size >= min(len(requests), engine.scheduler.max_seqs):
+            break
+        size *= 2
+    if engine.model.lm_head.weight.is_cuda:
+        torch.cuda.synchronize()
 
 
 def _has_transformers() -> bool:
