@@ -27,14 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (JSONL mode)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--block-size", type=int, default=16, help="KV-cache page size in tokens")
-    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    gen.add_argument("--max-num-seqs", type=int, default=256)
-    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    gen.add_argument("--no-prefix-caching", action="store_true")
+    _engine_options(gen)
     gen.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out (JSONL mode)")
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
+                       help="Hugging Face model folder (default: the small model that ships with Tritium)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every /v1 request")
+    _engine_options(serve)
 
     bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         _generate(parser, args)
+    elif args.command == "serve":
+        _serve(parser, args)
     elif args.command == "tune":
         import torch
 
@@ -130,13 +134,38 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        run_generate(args.model, args.prompts, args.input, args.output, params, chat=args.chat, dtype=args.dtype,
-                     max_model_len=args.max_model_len, block_size=args.block_size,
-                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                     gpu_memory_utilization=args.gpu_memory_utilization,
-                     enable_prefix_caching=not args.no_prefix_caching, skip_tokenizer_init=args.skip_tokenizer_init)
+        run_generate(args.model, args.prompts, args.input, args.output, params, chat=args.chat,
+                     skip_tokenizer_init=args.skip_tokenizer_init, **_engine_kwargs(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16, help="KV-cache page size in tokens")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tritium.generate import DEFAULT_MODEL_NOTE, default_model_dir
+    from tritium.server.serve import run_server
+
+    if args.model is None:
+        print(DEFAULT_MODEL_NOTE, file=sys.stderr)
+    try:
+        run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key, **_engine_kwargs(args))
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"tritium serve: {exc}\n")
 
 
 def _model_shapes() -> list[str]:

@@ -22,6 +22,10 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> page holding those tokens
 
     @property
+    def num_blocks(self) -> int:
+        return len(self.ref_count)
+
+    @property
     def num_free(self) -> int:
         return len(self.free)
 

@@ -90,6 +90,14 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
                              "use stop_token_ids")
 
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
+        are free for others at once. Returns them; none when the request already finished."""
+        dropped = self.scheduler.abort(request_id)
+        for seq in dropped:
+            self.runner.release(seq)
+        return dropped
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

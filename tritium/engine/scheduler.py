@@ -71,6 +71,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Drop a request's waiting and running sequences and free their pages at once; returns them."""
+        dropped = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in dropped:
+            (self.waiting if seq.status is Status.WAITING else self.running).remove(seq)
+            self.blocks.free_sequence(seq)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
+        return dropped
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason

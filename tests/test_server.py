@@ -1,0 +1,181 @@
+"""`tritium serve` over HTTP on loopback: the openai client, concurrency against offline generation, hostile
+requests, disconnects freeing pages, Prometheus metrics and the API key."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving import MODEL, running_server
+from tritium import LLM, SamplingParams
+from tritium.generate import default_model_dir
+
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(max_model_len=MAX_MODEL_LEN) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused")
+
+
+def test_openai_client_completions_and_chat(client):
+    done = client.completions.create(model=MODEL, prompt="The for statement", max_tokens=6, temperature=0,
+                                     logprobs=2, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    assert choice.finish_reason == "length" and done.usage.completion_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    streamed = client.completions.create(model=MODEL, prompt="The for statement", max_tokens=6, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, n=2,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 10
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+    assert all(len(e.top_logprobs) == 3 for e in chat.choices[0].logprobs.content)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert client.models.list().data[0].id == MODEL
+
+
+def test_64_concurrent_streams_equal_offline_generation(server):
+    prompts = [f"Request {i}: the while loop" + " and" * (i % 7) for i in range(64)]
+    aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused")
+
+    async def one(prompt: str) -> str:
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_of_them() -> list[str]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    got = asyncio.run(all_of_them())
+    offline = LLM(str(default_model_dir()), max_model_len=MAX_MODEL_LEN)
+    expected = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert got == [e.outputs[0].text for e in expected]
+
+
+OK_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+BAD = [  # (path, body (bytes are sent as they are), status, param or None)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"", 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {**OK_CHAT, "model": "nope"}, 404, "model"),
+    ("/v1/completions", {"prompt": "Hello"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [1, 10**9]}, 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {**OK_COMPLETION, "max_tokens": MAX_MODEL_LEN}, 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": "word " * 400}, 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {**OK_COMPLETION, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {**OK_COMPLETION, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**OK_COMPLETION, "top_k": -5}, 400, "top_k"),
+    ("/v1/completions", {**OK_COMPLETION, "min_p": 1.5}, 400, "min_p"),
+    ("/v1/completions", {**OK_COMPLETION, "n": 0}, 400, "n"),
+    ("/v1/completions", {**OK_COMPLETION, "n": 1000}, 400, "n"),
+    ("/v1/completions", {**OK_COMPLETION, "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {**OK_COMPLETION, "stop": ""}, 400, "stop"),
+    ("/v1/completions", {**OK_COMPLETION, "stop": ["a"] * 100}, 400, "stop"),
+    ("/v1/completions", {**OK_COMPLETION, "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {**OK_COMPLETION, "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {**OK_COMPLETION, "stream_options": {"include_usage": 1}}, 400, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "user"}]}, 400, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": "Hello"}, 400, "messages"),
+    ("/v1/chat/completions", {**OK_CHAT, "logprobs": 3}, 400, "logprobs"),
+    ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**OK_CHAT, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": "x" * (2 << 20)}, 413, None),
+    ("/v1/nowhere", OK_COMPLETION, 404, None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD, ids=range(len(BAD)))
+def test_bad_request_gets_an_error_object(server, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server[0] + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param or error["param"].startswith(param + "."), error
+    ok = httpx.post(server[0] + "/v1/completions", json=OK_COMPLETION, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_disconnect_mid_stream_frees_the_pages(server):
+    url, engine = server
+    blocks = engine.engine.blocks
+    idle = blocks.num_blocks
+    body = {**OK_COMPLETION, "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert blocks.num_free < idle
+    deadline = time.monotonic() + 10
+    while blocks.num_free != idle and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert blocks.num_free == idle
+    assert not engine.engine.has_unfinished()
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {(s.name + str(sorted(s.labels.items())) if s.labels else s.name): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_move_with_traffic(server):
+    url = server[0]
+    before = _metrics(url)
+    r = httpx.post(url + "/v1/completions", json={**OK_COMPLETION, "max_tokens": 4, "ignore_eos": True}, timeout=30)
+    assert r.status_code == 200
+    after = _metrics(url)
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert after["tritium_prompt_tokens_total"] - before["tritium_prompt_tokens_total"] == prompt_tokens
+    assert after["tritium_generation_tokens_total"] - before["tritium_generation_tokens_total"] == 4
+    assert after["tritium_time_to_first_token_seconds_count"] == before["tritium_time_to_first_token_seconds_count"] + 1
+    assert after["tritium_time_per_output_token_seconds_count"] == (
+        before["tritium_time_per_output_token_seconds_count"] + 3)
+    assert after["tritium_num_requests_running"] == 0 and after["tritium_kv_cache_usage_ratio"] == 0
+    assert "tritium_num_requests_waiting" in after
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_api_key_is_required_on_v1():
+    with running_server(api_key="s3cret", max_model_len=MAX_MODEL_LEN) as (url, _):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            r = httpx.post(url + "/v1/completions", json=OK_COMPLETION, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1

@@ -1,0 +1,32 @@
+"""`tritium serve`: load the engine, start its loop and the app under uvicorn; SIGTERM lets in-flight requests
+finish (for up to a grace period) before the engine loop stops."""
+
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from tritium.engine.llm_engine import LLMEngine
+from tritium.server.app import build_app
+from tritium.server.async_engine import AsyncEngine
+from tritium.server.metrics import ServerMetrics
+
+GRACE_SECONDS = 30
+
+
+def make_server(model: str, host: str, port: int, api_key: str | None, **engine_options) -> uvicorn.Server:
+    """A ready uvicorn server for the model folder (not yet running); the model is served under its folder name."""
+    metrics = ServerMetrics()
+    engine = AsyncEngine(LLMEngine(model, **engine_options), metrics)
+    app = build_app(engine, metrics, Path(model).name, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
+    return uvicorn.Server(config)
+
+
+def run_server(model: str, host: str, port: int, api_key: str | None, **engine_options) -> None:
+    server = make_server(model, host, port, api_key, **engine_options)
+    if api_key is None:
+        print(f"No --api-key: anyone who can reach {host}:{port} can use this server"
+              + (" (loopback only)." if host in ("127.0.0.1", "localhost", "::1") else "."), file=sys.stderr)
+    print(f"Serving {Path(model).name} at http://{host}:{port}/v1", file=sys.stderr)
+    server.run()
