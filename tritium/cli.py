@@ -63,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--seed", type=int, default=0)
     throughput.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
 
+    serve_bench = suites.add_parser("serve", help="load on any OpenAI-compatible server: throughput, TTFT, TPOT, ITL")
+    serve_bench.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    serve_bench.add_argument("--model", default=None, help="model name to ask for (default: the server's first)")
+    serve_bench.add_argument("--num-prompts", type=int, default=64)
+    serve_bench.add_argument("--request-rate", type=float, default=float("inf"),
+                             help="requests per second, Poisson arrivals (default: all at once)")
+    serve_bench.add_argument("--prompts", type=Path, default=None, help='JSONL of {"prompt": str} lines')
+    serve_bench.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
+                             help="random prompts' length in words (without --prompts)")
+    serve_bench.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
+    serve_bench.add_argument("--api-key", default=None)
+    serve_bench.add_argument("--seed", type=int, default=0)
+    serve_bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+
     tune = commands.add_parser("tune", help="tune the attention kernel for this GPU and cache the winning configs")
     tune.add_argument("--scenario", action="append", metavar="TEXT", help="tune only matching scenarios (repeatable)")
     tune.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (default 16)")
@@ -75,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         _generate(parser, args)
     elif args.command == "serve":
         _serve(parser, args)
+    elif args.command == "bench" and args.suite == "serve":
+        _bench_serve(parser, args)
     elif args.command == "tune":
         import torch
 
@@ -154,6 +170,24 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("input_len", "output_len"):
+        lo, hi = getattr(args, name)
+        if not 1 <= lo <= hi:
+            parser.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
+    if args.num_prompts < 1 or not args.request_rate > 0:
+        parser.error("--num-prompts must be >= 1 and --request-rate > 0")
+    import httpx
+
+    from tritium.bench.serve import run_serve_bench
+
+    try:
+        run_serve_bench(args.url, args.num_prompts, args.request_rate, args.prompts, tuple(args.input_len),
+                        tuple(args.output_len), args.model, args.api_key, args.seed, args.out)
+    except (ValueError, OSError, httpx.HTTPError) as exc:
+        parser.exit(2, f"tritium bench serve: {exc}\n")
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

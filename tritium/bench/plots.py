@@ -53,3 +53,25 @@ def plot_step_roofline(steps: list[dict], title: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_latency_cdfs(series: dict[str, list[float]], title: str, path: Path) -> None:
+    """One cumulative distribution per latency kind (milliseconds, log scale), with p50/p90/p99 marked."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, values in series.items():
+        if not values:
+            continue
+        s = sorted(values)
+        ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=name)
+    for q in (0.5, 0.9, 0.99):
+        ax.axhline(q, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of requests (TTFT, TPOT) or gaps (ITL) at or below")
+    ax.set_title(title, fontsize=9)
+    if any(series.values()):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
