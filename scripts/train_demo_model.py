@@ -231,19 +231,23 @@ def main(argv: list[str] | None = None) -> dict:
               "first_loss": curve[0] if curve else math.nan, "final_loss": curve[-1] if curve else math.nan,
               "held_out_loss": held, "held_out_perplexity": math.exp(held), "seconds": seconds, "card": card,
               "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(curve, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"{params:,} parameters on {card}; held-out perplexity {math.exp(held):.1f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=110)
-    plt.close(fig)
+    if curve:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(curve, linewidth=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_title(f"{params:,} parameters on {card}; held-out perplexity {math.exp(held):.1f}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "loss_curve.png", dpi=110)
+        plt.close(fig)
+    trained = ("Untrained: seeded random weights, a placeholder whose text is noise (`--steps 0`)." if not args.steps
+               else "Trained on Python's own documentation: the `pydoc_data` topics and the standard library's "
+               "docstrings (every 20th document held out).")
     (out / "README.md").write_text(
-        "# Tritium's demo model\n\nA Llama-style model trained by `scripts/train_demo_model.py` (seed "
-        f"{args.seed}, size `{args.size}`) on Python's own documentation: the `pydoc_data` topics and the "
-        "standard library's docstrings (every 20th document held out).\n\n"
-        + "\n".join(f"- {k}: {v}" for k, v in report.items()) + "\n\nLoss curve: `loss_curve.png`.\n")
+        f"# Tritium's demo model\n\nA Llama-style model made by `scripts/train_demo_model.py` (seed {args.seed}, "
+        f"size `{args.size}`, {args.steps} steps). {trained}\n\n"
+        + "\n".join(f"- {k}: {v}" for k, v in report.items())
+        + ("\n\nLoss curve: `loss_curve.png`.\n" if curve else "\n"))
     print(f"{params:,} parameters, {len(train_ids):,} training tokens, {args.steps} steps in {seconds:.0f} s on "
           f"{card}; held-out perplexity {math.exp(held):.2f}; wrote {out}")
     return report
