@@ -14,12 +14,13 @@ MODEL = default_model_dir().name
 
 
 @contextmanager
-def running_server(api_key: str | None = None, **engine_options) -> Iterator[tuple[str, AsyncEngine]]:
+def running_server(api_key: str | None = None, model=None, name: str | None = None,
+                   **engine_options) -> Iterator[tuple[str, AsyncEngine]]:
     """(base URL, the server's AsyncEngine); the server is shut down as `tritium serve` is on SIGTERM."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = make_server(str(default_model_dir()), "127.0.0.1", port, api_key, **engine_options)
+    server = make_server(model or str(default_model_dir()), "127.0.0.1", port, api_key, name, **engine_options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.serving import MODEL, running_server
 from tritium import LLM, SamplingParams
 from tritium.generate import default_model_dir
+from tritium.models.config import ModelConfig
+from tritium.models.shapes import MODEL_SHAPES
 
 MAX_MODEL_LEN = 256
 
@@ -179,3 +181,28 @@ def test_api_key_is_required_on_v1():
         assert httpx.get(url + "/health").status_code == 200
         client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
         assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_random_weights_in_a_model_shape_served_with_another_folders_tokenizer():
+    """What an H100 serving benchmark of a large model's shape uses: random weights, the default model's tokenizer."""
+    raw = {**MODEL_SHAPES["llama-3.2-1b"], "torch_dtype": "float32", "num_hidden_layers": 1, "vocab_size": 512,
+           "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+    with running_server(model=ModelConfig.from_dict(raw), name="tiny-shape", tokenizer=str(default_model_dir()),
+                        block_size=4, max_model_len=64) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tiny-shape"]
+        done = client.completions.create(model="tiny-shape", prompt="The for statement", max_tokens=5,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["some/folder", "--model-config", "qwen3-0.6b"], "give MODEL_DIR or --model-config NAME, not both"),
+    (["--model-config", "gpt-9"], "unknown model shape 'gpt-9'"),
+])
+def test_serve_model_choice_errors(args, message, capsys):
+    from tritium.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every /v1 request")
+    serve.add_argument("--model-config", default=None, metavar="NAME",
+                       help="serve random weights in a real model's shape instead of a folder (benchmarks): "
+                       + ", ".join(_model_shapes()))
+    serve.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="take the tokenizer from this folder (default: the model's; with --model-config, the "
+                       "default model's)")
     _engine_options(serve)
 
     bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run")
@@ -192,18 +198,26 @@ def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from tritium.generate import DEFAULT_MODEL_NOTE, default_model_dir
+    from tritium.models.shapes import shape_config
     from tritium.server.serve import run_server
 
-    if args.model is None:
+    if args.model is not None and args.model_config is not None:
+        parser.error("give MODEL_DIR or --model-config NAME, not both")
+    if args.model is None and args.model_config is None:
         print(DEFAULT_MODEL_NOTE, file=sys.stderr)
     try:
-        run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key, **_engine_kwargs(args))
+        if args.model_config is not None:
+            run_server(shape_config(args.model_config), args.host, args.port, args.api_key, args.model_config,
+                       tokenizer=args.tokenizer or str(default_model_dir()), **_engine_kwargs(args))
+        else:
+            run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key,
+                       tokenizer=args.tokenizer, **_engine_kwargs(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium serve: {exc}\n")
 
 
 def _model_shapes() -> list[str]:
-    from tritium.bench.model_shapes import MODEL_SHAPES
+    from tritium.models.shapes import MODEL_SHAPES
 
     return list(MODEL_SHAPES)
 

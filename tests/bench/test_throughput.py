@@ -6,13 +6,13 @@ import torch
 
 from tests.models.test_llama import save_family
 from tritium.bench.hf_peer import hf_state_dict
-from tritium.bench.model_shapes import MODEL_SHAPES
 from tritium.bench.throughput import Workload, _warm_up
 from tritium.cli import main
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model
+from tritium.models.shapes import MODEL_SHAPES
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 

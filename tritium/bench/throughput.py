@@ -20,11 +20,11 @@ from tqdm import tqdm
 from tritium.bench.ceilings import measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.hf_peer import hf_model_like, hf_state_dict
-from tritium.bench.model_shapes import MODEL_SHAPES
 from tritium.bench.plots import plot_step_roofline
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
+from tritium.models.shapes import MODEL_SHAPES, shape_config
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def run_throughput_bench(
     source: str | ModelConfig = model
     if model in MODEL_SHAPES:
         raw_config = {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
-        source = ModelConfig.from_dict(raw_config)
+        source = shape_config(model)
     else:
         raw_config = json.loads((Path(model) / "config.json").read_text())
     if single:

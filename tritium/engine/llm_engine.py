@@ -27,18 +27,20 @@ class StepStats:
 
 
 class LLMEngine:
-    """The engine over a model folder, or over a `ModelConfig` with seeded random weights in its shape (benchmarks;
-    no tokenizer then)."""
+    """The engine over a model folder, or over a `ModelConfig` with seeded random weights in its shape (benchmarks).
+    `tokenizer` names a folder to take the tokenizer from (default: the model's; none for random weights)."""
 
     def __init__(
         self, model: str | Path | ModelConfig, dtype: str | torch.dtype = "auto", device: str | None = None,
         block_size: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256, enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
+        tokenizer: str | Path | None = None,
     ) -> None:
-        if isinstance(model, ModelConfig) and not skip_tokenizer_init:
-            raise ValueError("random weights come without a tokenizer: pass skip_tokenizer_init=True")
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer(model)  # first: a missing file fails fast
+        tokenizer = tokenizer if tokenizer is not None else None if isinstance(model, ModelConfig) else model
+        if tokenizer is None and not skip_tokenizer_init:
+            raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer(tokenizer)  # first: a missing file fails fast
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

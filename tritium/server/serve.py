@@ -7,6 +7,7 @@ from pathlib import Path
 import uvicorn
 
 from tritium.engine.llm_engine import LLMEngine
+from tritium.models.config import ModelConfig
 from tritium.server.app import build_app
 from tritium.server.async_engine import AsyncEngine
 from tritium.server.metrics import ServerMetrics
@@ -14,19 +15,23 @@ from tritium.server.metrics import ServerMetrics
 GRACE_SECONDS = 30
 
 
-def make_server(model: str, host: str, port: int, api_key: str | None, **engine_options) -> uvicorn.Server:
-    """A ready uvicorn server for the model folder (not yet running); the model is served under its folder name."""
+def make_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, name: str | None = None,
+                **engine_options) -> uvicorn.Server:
+    """A ready uvicorn server (not yet running) for a model folder, served under its folder name, or for random
+    weights in a ModelConfig's shape, served under `name`."""
     metrics = ServerMetrics()
     engine = AsyncEngine(LLMEngine(model, **engine_options), metrics)
-    app = build_app(engine, metrics, Path(model).name, api_key)
+    app = build_app(engine, metrics, name or Path(model).name, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
     return uvicorn.Server(config)
 
 
-def run_server(model: str, host: str, port: int, api_key: str | None, **engine_options) -> None:
-    server = make_server(model, host, port, api_key, **engine_options)
+def run_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, name: str | None = None,
+               **engine_options) -> None:
+    server = make_server(model, host, port, api_key, name, **engine_options)
+    name = name or Path(model).name
     if api_key is None:
         print(f"No --api-key: anyone who can reach {host}:{port} can use this server"
               + (" (loopback only)." if host in ("127.0.0.1", "localhost", "::1") else "."), file=sys.stderr)
-    print(f"Serving {Path(model).name} at http://{host}:{port}/v1", file=sys.stderr)
+    print(f"Serving {name} at http://{host}:{port}/v1", file=sys.stderr)
     server.run()

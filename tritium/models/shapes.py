@@ -1,5 +1,7 @@
 """config.json fields of real models, for random weights in their shape (benchmarks download nothing)."""
 
+from tritium.models.config import ModelConfig
+
 MODEL_SHAPES = {
     "llama-3.1-8b": {
         "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
@@ -21,3 +23,10 @@ MODEL_SHAPES = {
         "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
     },
 }
+
+
+def shape_config(name: str) -> ModelConfig:
+    """The ModelConfig of a known model shape, in bf16; a ValueError names the known ones."""
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
+    return ModelConfig.from_dict({**MODEL_SHAPES[name], "torch_dtype": "bfloat16"})
