@@ -76,7 +76,7 @@ def run_throughput_bench(
 
     steps, start = [], time.perf_counter()
     for i, (ids, n_out) in enumerate(requests):
-        engine.add_request(ids, SamplingParams(temperature=1.0, seed=i, max_tokens=n_out, ignore_eos=True), str(i))
+        engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True), str(i))
     with tqdm(total=len(requests), desc="generating", unit="request") as bar:
         while engine.has_unfinished():
             t0 = time.perf_counter()

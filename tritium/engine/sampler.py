@@ -21,26 +21,56 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                  ) -> torch.Tensor:
+    """Rows without top-k/top-p/min-p skip the vocabulary sort; which way a row goes depends on its own
+    parameters only, so a seeded request draws the same token whatever else shares its batch."""
+    filtered = [i for i, p in enumerate(params) if p.top_k or p.min_p > 0 or p.top_p < 1]
+    plain = [i for i, p in enumerate(params) if i not in set(filtered)]
+    out = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    for group, draw in ((filtered, _sample_filtered), (plain, _sample_plain)):
+        if group:
+            index = torch.tensor(group, device=logits.device)
+            out[index] = draw(logits[index], [params[i] for i in group], [generators[i] for i in group])
+    return out
+
+
+def _sample_plain(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                  ) -> torch.Tensor:
+    return _race(_probs(logits, params), generators)
+
+
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def _race(weights: torch.Tensor, generators: list[torch.Generator | None], keep: torch.Tensor | None = None,
+          ) -> torch.Tensor:
+    """argmax(w / E) with E ~ Exp(1) i.i.d. picks index i with probability w_i / sum(w): one draw per row, while
+    each seeded row takes its noise from its own generator so that it reproduces whatever else is in the batch."""
+    noise = torch.empty_like(weights).exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    scores = weights / noise
+    if keep is not None:
+        scores = torch.where(keep, scores, -1.0)
+    return scores.argmax(dim=-1)
+
+
+def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     ) -> torch.Tensor:
     column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
     vocab = logits.shape[-1]
-    probs = torch.softmax(logits / column([p.temperature for p in params]), dim=-1)
     # Filters in rank order, each on what the previous left: top-k, then min-p, then top-p of the remaining mass.
-    probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    probs, order = _probs(logits, params).sort(dim=-1, descending=True, stable=True)
     keep = torch.arange(vocab, device=logits.device) < column([p.top_k or vocab for p in params])
     keep &= probs >= column([p.min_p for p in params]) * probs[:, :1]
     kept = probs * keep
     mass_before = kept.cumsum(dim=-1) - kept
     top_p = column([p.top_p for p in params])
     keep &= (mass_before < top_p * kept.sum(dim=-1, keepdim=True)) | (top_p >= 1)  # rounding: 1 must keep all
-    # argmax(p / E) with E ~ Exp(1) i.i.d. picks index i with probability p_i / sum(p): one draw per row, while
-    # each seeded row takes its noise from its own generator so that it reproduces whatever else is in the batch.
-    noise = torch.empty_like(probs).exponential_()
-    for row, gen in enumerate(generators):
-        if gen is not None:
-            noise[row].exponential_(generator=gen)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    choice = torch.where(keep, probs / noise, -1.0).argmax(dim=-1, keepdim=True)
-    return order.gather(1, choice).squeeze(1)
+    return order.gather(1, _race(probs, generators, keep)[:, None]).squeeze(1)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_list: list[int], ks: list[int | None],
