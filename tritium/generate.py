@@ -58,7 +58,7 @@ def run_generate(
     if input_path is None:
         for prompt in prompts:
             if chat:
-                prompt = _chat_prompt(llm, [{"role": "user", "content": prompt}])
+                prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
             else:
                 out.write(prompt)
             for piece in llm.stream(prompt, params):
@@ -67,7 +67,7 @@ def run_generate(
             out.write("\n")
         return
     items = read_prompts(input_path)
-    batch = [_chat_prompt(llm, item["messages"]) if "messages" in item else item for item in items]
+    batch = [llm.chat_prompt(item["messages"]) if "messages" in item else item for item in items]
     results = llm.generate(batch, params)
     lines = []
     for i, (item, res) in enumerate(zip(items, results, strict=True)):
@@ -81,10 +81,3 @@ def run_generate(
         output_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"wrote {len(lines)} results to {output_path}", file=sys.stderr)
 
-
-def _chat_prompt(llm: LLM, messages: list[dict]) -> dict:
-    """A conversation as token ids through the model's chat template (which writes its own special tokens)."""
-    tok = llm.engine.tokenizer
-    if tok is None:
-        raise ValueError("chat needs the model's tokenizer and chat template (not skip_tokenizer_init)")
-    return {"prompt_token_ids": tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)}

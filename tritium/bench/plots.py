@@ -28,10 +28,7 @@ def plot_speed_vs_baseline(rows: list[dict], baseline: str, title: str, path: Pa
     ax.set_title(title, fontsize=9)
     if peers:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_step_roofline(steps: list[dict], title: str, path: Path) -> None:
@@ -49,10 +46,7 @@ def plot_step_roofline(steps: list[dict], title: str, path: Path) -> None:
     bottom.set_xlabel("engine step")
     bottom.set_ylim(0, 105)
     top.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_latency_cdfs(series: dict[str, list[float]], title: str, path: Path) -> None:
@@ -71,6 +65,10 @@ def plot_latency_cdfs(series: dict[str, list[float]], title: str, path: Path) ->
     ax.set_title(title, fontsize=9)
     if any(series.values()):
         ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

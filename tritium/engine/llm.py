@@ -58,12 +58,19 @@ class LLM:
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """One conversation ([{"role": ..., "content": ...}, ...]) or a list of them, through the model's chat
         template; one RequestOutput per conversation."""
-        tokenizer = self._tokenizer("chat")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        texts = [tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        # The template writes the special tokens itself: none are added on encoding (as transformers and vLLM do).
-        requests = [(t, tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        requests = [self._chat_request(c, add_generation_prompt) for c in conversations]
         return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+        """One conversation as the token-id prompt `generate` takes (what `chat` sends for it)."""
+        return {"prompt_token_ids": self._chat_request(messages, add_generation_prompt)[1]}
+
+    def _chat_request(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        tokenizer = self._tokenizer("chat")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt)
+        # The template writes the special tokens itself: none are added on encoding (as transformers and vLLM do).
+        return text, tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt (one sample), yielding its text as it grows. The tail that could still turn out

@@ -37,7 +37,8 @@ class LLMEngine:
         gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
         tokenizer: str | Path | None = None,
     ) -> None:
-        tokenizer = tokenizer if tokenizer is not None else None if isinstance(model, ModelConfig) else model
+        if tokenizer is None and not isinstance(model, ModelConfig):
+            tokenizer = model
         if tokenizer is None and not skip_tokenizer_init:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
         self.tokenizer = None if skip_tokenizer_init else Tokenizer(tokenizer)  # first: a missing file fails fast

@@ -23,8 +23,9 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
                  ) -> torch.Tensor:
     """Rows without top-k/top-p/min-p skip the vocabulary sort; which way a row goes depends on its own
     parameters only, so a seeded request draws the same token whatever else shares its batch."""
-    filtered = [i for i, p in enumerate(params) if p.top_k or p.min_p > 0 or p.top_p < 1]
-    plain = [i for i, p in enumerate(params) if i not in set(filtered)]
+    needs_filter = [bool(p.top_k or p.min_p > 0 or p.top_p < 1) for p in params]
+    filtered = [i for i, f in enumerate(needs_filter) if f]
+    plain = [i for i, f in enumerate(needs_filter) if not f]
     out = torch.empty(len(params), dtype=torch.long, device=logits.device)
     for group, draw in ((filtered, _sample_filtered), (plain, _sample_plain)):
         if group:

@@ -34,10 +34,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     """Instantiate the family's model on `device` in `dtype` and fill every parameter from the folder."""
     model_dir = Path(model_dir)
     config = ModelConfig.load(model_dir)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    for param in model.parameters():  # not model.to(dtype): the rotary table stays float32
-        param.data = param.data.to(dtype)
+    model = _build(config, dtype, device)
     params = dict(model.named_parameters())
     unfilled = {name: p.numel() for name, p in params.items()}
     for path in weight_files(model_dir):
@@ -82,13 +79,21 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device |
                  ) -> LlamaForCausalLM:
     """Seeded random weights in the family's shape (matrices normal with std 0.02, norms 1): benchmarks of a
     real model's shape with nothing downloaded."""
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
+    model = _build(config, dtype, device)
     g = torch.Generator(device).manual_seed(seed)
     for name, param in model.named_parameters():
-        param.data = param.data.to(dtype)
         if "norm" in name:
             param.data.fill_(1.0)
         else:
             param.data.normal_(0.0, 0.02, generator=g)
     return model.eval()
+
+
+def _build(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
+    """The family's model on `device` with parameters in `dtype` (not model.to(dtype): the rotary table stays
+    float32)."""
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model

@@ -39,6 +39,17 @@ def _write_kv_cache_kernel(
     tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+def check_paged_caches(name: str, key: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The caches are one vLLM-layout pair [num_blocks, block_size, num_kv_heads, head_size] that holds `key`'s
+    (heads, head_size); a ValueError says which part disagrees."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must be matching [num_blocks, block_size, num_kv_heads, head_size], "
+                         f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
+    if k_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(f"{name} has (heads, head_size) {tuple(key.shape[1:])} but the cache holds "
+                         f"{tuple(k_cache.shape[2:])}")
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -61,12 +72,7 @@ def write_kv_cache(
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [num_tokens, num_kv_heads, head_size], "
                          f"got {tuple(key.shape)} and {tuple(value.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"k_cache and v_cache must be matching [num_blocks, block_size, num_kv_heads, head_size], "
-                         f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
-    if k_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(f"key has (heads, head_size) {tuple(key.shape[1:])} but the cache holds "
-                         f"{tuple(k_cache.shape[2:])}")
+    check_paged_caches("key", key, k_cache, v_cache)
     if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32/int64 of shape ({key.shape[0]},), "
                          f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")

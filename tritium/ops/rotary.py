@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tritium.ops.kv_cache import check_paged_caches
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -126,12 +128,7 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) ->
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"cos_sin_cache must be float32 [max_positions, {head_dim}] (cos, then sin), "
                          f"got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"k_cache and v_cache must be matching [num_blocks, block_size, num_kv_heads, head_size], "
-                         f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
-    if k_cache.shape[2:] != k.shape[1:]:
-        raise ValueError(f"k has (heads, head_size) {tuple(k.shape[1:])} but the cache holds "
-                         f"{tuple(k_cache.shape[2:])}")
+    check_paged_caches("k", k, k_cache, v_cache)
     if k_cache.dtype != k.dtype:
         raise ValueError(f"k_cache has dtype {k_cache.dtype} but k has {k.dtype}; rotary_and_cache does not convert "
                          f"(an fp8 cache is written by write_kv_cache)")
