@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                             help="requests transformers' generate runs as the peer (0: no peer)")
     throughput.add_argument("--seed", type=int, default=0)
     throughput.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+    _engine_options(throughput)
 
     serve_bench = suites.add_parser("serve", help="load on any OpenAI-compatible server: throughput, TTFT, TPOT, ITL")
     serve_bench.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
         workload = Workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.seed)
         try:
-            run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out)
+            run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out,
+                                 **_engine_kwargs(args))
         except (ValueError, RuntimeError) as exc:
             parser.exit(2, f"tritium bench throughput: {exc}\n")
     return 0
@@ -170,12 +172,14 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly, not as CUDA graphs")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching)
+                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+                enforce_eager=args.enforce_eager)
 
 
 def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -39,7 +39,8 @@ class RequestOutput:
 class LLM:
     """LLM(model_dir, skip_tokenizer_init=False, **engine options); see `LLMEngine` for the options (dtype,
     block_size, max_model_len, max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_blocks,
-    gpu_memory_utilization). With skip_tokenizer_init=True prompts are token ids and outputs carry no text."""
+    gpu_memory_utilization, enforce_eager). With skip_tokenizer_init=True prompts are token ids and outputs carry
+    no text."""
 
     def __init__(self, model: str, skip_tokenizer_init: bool = False, **engine_options) -> None:
         self.engine = LLMEngine(model, skip_tokenizer_init=skip_tokenizer_init, **engine_options)

@@ -35,7 +35,7 @@ class LLMEngine:
         block_size: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256, enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
-        tokenizer: str | Path | None = None,
+        tokenizer: str | Path | None = None, enforce_eager: bool = False,
     ) -> None:
         if tokenizer is None and not isinstance(model, ModelConfig):
             tokenizer = model
@@ -63,7 +63,10 @@ class LLMEngine:
         backend = attention_backend or ("triton" if device.type == "cuda" else "reference")
         self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend)
+        # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
+        graphs = not enforce_eager and device.type == "cuda" and backend == "triton"
+        self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend, graphs, max_num_seqs,
+                                  self.max_model_len)
         self.last_step = StepStats(0, 0, 0)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:

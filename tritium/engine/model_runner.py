@@ -2,6 +2,7 @@
 
 import torch
 
+from tritium.engine.cuda_graphs import DecodeGraphs
 from tritium.engine.sampler import sample
 from tritium.engine.sequence import Sequence
 from tritium.models.attention import AttentionMetadata
@@ -9,7 +10,11 @@ from tritium.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str) -> None:
+    """Owns the KV cache; runs decode steps through CUDA graphs when `cuda_graphs` (a GPU with the Triton backend:
+    the reference backend reads lengths on the host), every other step eagerly."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str,
+                 cuda_graphs: bool = False, max_seqs: int = 256, max_model_len: int = 0) -> None:
         cfg = model.config
         self.model, self.block_size, self.backend = model, block_size, backend
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -18,6 +23,9 @@ class ModelRunner:
                           for _ in range(cfg.num_layers)]
         self.device = device
         self.generators: dict[int, torch.Generator] = {}
+        self.graphs = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // block_size), block_size)
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]]) -> dict[int, tuple[int, dict[int, float] | None]]:
@@ -33,14 +41,10 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             used.append(start + n)
             tables.append(seq.block_table)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(
-            cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
-            slot_mapping=to(slots, torch.int64), max_seqlen_q=max(n for _, n in batch), max_seqlen_k=max(used),
-            backend=self.backend)
-        hidden = self.model(to(ids, torch.long), to(positions, torch.long), meta, self.kv_caches)
+        if self.graphs is not None and cu[-1] == len(batch) and self.graphs.bucket(len(batch)) is not None:
+            hidden = self.graphs.forward(ids, positions, slots, used, tables)
+        else:
+            hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
         done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
         if not done:
             return {}
@@ -48,6 +52,18 @@ class ModelRunner:
         seqs = [batch[i][0] for i in done]
         tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
         return {s.seq_id: (t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)}
+
+    def _forward(self, ids: list[int], positions: list[int], slots: list[int], cu: list[int], used: list[int],
+                 tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
+        """The eager forward of any batch."""
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
+            slot_mapping=to(slots, torch.int64), max_seqlen_q=max_seqlen_q, max_seqlen_k=max(used),
+            backend=self.backend)
+        return self.model(to(ids, torch.long), to(positions, torch.long), meta, self.kv_caches)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

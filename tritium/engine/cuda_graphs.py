@@ -1,0 +1,91 @@
+"""CUDA graphs for decode steps: the model's forward is captured once per bucketed batch size and replayed with
+the step's layout copied into static buffers, so a decode step costs a few copies and one graph launch instead
+of the hundreds of kernel launches of an eager forward.
+
+A step of b decodes (one query token per sequence) replays the smallest bucket B >= b. The B - b padding
+sequences own no query token and no cached key (cu_seqlens_q stays at b, seqused_k is 0), so the attention
+kernel's programs for them exit at once; their token rows (id 0, slot -1: never written to the cache) are
+computed and dropped. Every launch in the forward is shaped by static facts (token and sequence counts),
+never by lengths, which is what makes one capture valid for every replay.
+"""
+
+import torch
+from tqdm import tqdm
+
+from tritium.models.attention import AttentionMetadata
+from tritium.models.llama import LlamaForCausalLM
+
+
+def batch_buckets(max_seqs: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, then every multiple of 8 below max_seqs (vLLM's spacing), and max_seqs."""
+    return [b for b in (1, 2, 4) if b < max_seqs] + list(range(8, max_seqs, 8)) + [max_seqs]
+
+
+class DecodeInputs:
+    """Fixed device buffers holding a decode batch padded to a bucket size: what a captured forward reads."""
+
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(3, max_seqs, dtype=torch.int64, device=device)  # ids, positions, slots
+        self.seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=device)  # cu_seqlens_q, seqused_k
+        self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.max_keys = max_blocks_per_seq * block_size
+
+    def fill(self, size: int, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+             block_tables: list[list[int]]) -> None:
+        """Copy in b <= size decodes and pad them to `size` sequences (three host-to-device copies)."""
+        b = len(ids)
+        pad = size - b
+        tokens = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
+        self.tokens[:, :size].copy_(tokens)
+        info = list(range(b + 1)) + [b] * pad + context_lens + [0] * pad
+        self.seq_info[:2 * size + 1].copy_(torch.tensor(info, dtype=torch.int32))
+        width = max(len(t) for t in block_tables)
+        # Entries past a row's own pages may be stale from an earlier step: never read, the kernel stops at seqused_k.
+        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self.block_table[:b, :width].copy_(table)
+
+    def forward(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                size: int) -> torch.Tensor:
+        """The model over the first `size` sequences of the buffers -> hidden states [size, hidden]."""
+        ids, positions, slots = self.tokens[:, :size]
+        meta = AttentionMetadata(
+            cu_seqlens_q=self.seq_info[:size + 1], seqused_k=self.seq_info[size + 1:2 * size + 1],
+            block_table=self.block_table[:size], slot_mapping=slots, max_seqlen_q=1, max_seqlen_k=self.max_keys)
+        return model(ids, positions, meta, kv_caches)
+
+
+class DecodeGraphs:
+    """Decode batches through forwards captured at every bucket size (largest first, sharing one memory pool)."""
+
+    @torch.inference_mode()
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_seqs: int,
+                 max_blocks_per_seq: int, block_size: int) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.buckets = batch_buckets(max_seqs)
+        device = model.lm_head.weight.device
+        self.inputs = DecodeInputs(max_seqs, max_blocks_per_seq, block_size, device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for size in tqdm(self.buckets[::-1], desc="capturing CUDA graphs", unit="graph", leave=False):
+            # Dummy decodes of one key each, on page 0: no request holds a page yet.
+            self.inputs.fill(size, [0] * size, [0] * size, [0] * size, [1] * size, [[0]] * size)
+            self.inputs.forward(model, kv_caches, size)  # compiles and warms every kernel outside the capture
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.inputs.forward(model, kv_caches, size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(device)
+
+    def bucket(self, num_seqs: int) -> int | None:
+        """The captured size a batch of num_seqs decodes replays; None when it is larger than every bucket."""
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def forward(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+                block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states [b, hidden] of b decodes (b at most the largest bucket), valid until the next replay."""
+        size = self.bucket(len(ids))
+        self.inputs.fill(size, ids, positions, slots, context_lens, block_tables)
+        self.graphs[size].replay()
+        return self.outputs[size][:len(ids)]
