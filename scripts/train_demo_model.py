@@ -39,8 +39,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "demo": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                 intermediate_size=704, vocab_size=4096),
+    "demo": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                 intermediate_size=1024, vocab_size=4096),
+    "demo-narrow": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                        intermediate_size=704, vocab_size=4096),
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=48, vocab_size=320),
 }
@@ -87,9 +89,10 @@ def token_stream(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, c: dict) -> None:
+    def __init__(self, c: dict, dropout: float) -> None:
         super().__init__()
         h, d = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+        self.dropout = nn.Dropout(dropout)  # on each residual branch; off in eval()
         self.heads, self.kv_heads, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], d
         self.input_layernorm = nn.RMSNorm(h, eps=c["rms_norm_eps"])
         self.post_attention_layernorm = nn.RMSNorm(h, eps=c["rms_norm_eps"])
@@ -110,10 +113,10 @@ class Block(nn.Module):
         v = a["v_proj"](y).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + a["o_proj"](y.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.dropout(a["o_proj"](y.transpose(1, 2).reshape(b, t, -1)))
         y = self.post_attention_layernorm(x)
         m = self.mlp
-        return x + m["down_proj"](F.silu(m["gate_proj"](y)) * m["up_proj"](y))
+        return x + self.dropout(m["down_proj"](F.silu(m["gate_proj"](y)) * m["up_proj"](y)))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -126,11 +129,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class TrainingLlama(nn.Module):
     """A Llama for training on fixed-length windows; its state dict carries Hugging Face's names."""
 
-    def __init__(self, c: dict) -> None:
+    def __init__(self, c: dict, dropout: float = 0.0) -> None:
         super().__init__()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
-        self.model.layers = nn.ModuleList(Block(c) for _ in range(c["num_hidden_layers"]))
+        self.model.layers = nn.ModuleList(Block(c, dropout) for _ in range(c["num_hidden_layers"]))
         self.model.norm = nn.RMSNorm(c["hidden_size"], eps=c["rms_norm_eps"])
         d = c["hidden_size"] // c["num_attention_heads"]
         self.register_buffer("inv_freq", 1.0 / c["rope_theta"] ** (torch.arange(0, d, 2).float() / d), persistent=False)
@@ -173,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=100,
+                        help="held-out loss every N steps; the weights with the lowest are the ones saved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (smoke runs)")
     args = parser.parse_args(argv)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok = train_tokenizer(train_docs, config["vocab_size"])
     train_ids, held_ids = token_stream(tok, train_docs), token_stream(tok, held_docs)
 
-    model = TrainingLlama(config).to(device)
+    model = TrainingLlama(config, args.dropout).to(device)
     for p in model.parameters():
         if p.dim() == 2:
             nn.init.normal_(p, 0.0, 0.02)
@@ -200,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / max(1, args.steps))))))
     g = torch.Generator().manual_seed(args.seed)
-    curve = []
-    for _ in tqdm(range(args.steps), desc="training", unit="step"):
+    curve, held_curve = [], [(0, held_out_loss(model, held_ids, args.seq_len, device))]
+    best_step, best = 0, hf_state_dict(model)
+    bar = tqdm(range(1, args.steps + 1), desc="training", unit="step")
+    for step in bar:
         starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch_size,), generator=g)
         x = torch.stack([train_ids[s:s + args.seq_len] for s in starts]).to(device, non_blocking=True)
         y = torch.stack([train_ids[s + 1:s + args.seq_len + 1] for s in starts]).to(device, non_blocking=True)
@@ -213,7 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         schedule.step()
         curve.append(loss.item())
-    held = held_out_loss(model, held_ids, args.seq_len, device)
+        if step % args.eval_every == 0 or step == args.steps:
+            held_curve.append((step, held_out_loss(model, held_ids, args.seq_len, device)))
+            if held_curve[-1][1] < min(h for _, h in held_curve[:-1]):
+                best_step, best = step, hf_state_dict(model)
+            bar.set_postfix(loss=f"{curve[-1]:.3f}", held_out=f"{held_curve[-1][1]:.3f}")
+    held = dict(held_curve)[best_step]
     seconds = time.perf_counter() - start
 
     out = args.out
@@ -224,25 +237,30 @@ def main(argv: list[str] | None = None) -> dict:
         "chat_template": CHAT_TEMPLATE, "model_max_length": config["max_position_embeddings"]}, indent=1) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "max_new_tokens": 64}) + "\n")
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(best, str(out / "model.safetensors"), metadata={"format": "pt"})
     card = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     report = {"parameters": params, "train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
               "documents": len(docs), "steps": args.steps, "batch": args.batch_size, "seq_len": args.seq_len,
+              "lr": args.lr, "dropout": args.dropout, "saved_step": best_step,
               "first_loss": curve[0] if curve else math.nan, "final_loss": curve[-1] if curve else math.nan,
               "held_out_loss": held, "held_out_perplexity": math.exp(held), "seconds": seconds, "card": card,
               "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed}
     if curve:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(curve, linewidth=0.8)
+        ax.plot(range(1, len(curve) + 1), curve, linewidth=0.8, label="training batch")
+        ax.plot(*zip(*held_curve), marker=".", label="held-out documents")
+        ax.axvline(best_step, color="gray", linestyle=":", label=f"saved (step {best_step})")
+        ax.legend()
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (nats/token)")
+        ax.set_ylabel("loss (nats/token)")
         ax.set_title(f"{params:,} parameters on {card}; held-out perplexity {math.exp(held):.1f}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "loss_curve.png", dpi=110)
         plt.close(fig)
     trained = ("Untrained: seeded random weights, a placeholder whose text is noise (`--steps 0`)." if not args.steps
                else "Trained on Python's own documentation: the `pydoc_data` topics and the standard library's "
-               "docstrings (every 20th document held out).")
+               "docstrings (every 20th document held out); the weights saved are those of the step with the lowest "
+               "held-out loss.")
     (out / "README.md").write_text(
         f"# Tritium's demo model\n\nA Llama-style model made by `scripts/train_demo_model.py` (seed {args.seed}, "
         f"size `{args.size}`, {args.steps} steps). {trained}\n\n"
