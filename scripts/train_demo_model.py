@@ -1,11 +1,11 @@
 """Train Tritium's small demo model from text every Python installation carries, reproducibly (seeded).
 
-Data: the documentation topics of `pydoc_data` and the docstrings of the standard library's own source files
-(read with `ast`, nothing imported), split into training and held-out documents (every 20th is held out). A
-byte-level BPE tokenizer is trained with `tokenizers` on the training documents; a Llama-style model (Hugging
-Face parameter names, so Tritium and transformers load the folder) is trained on random windows of the token
-stream. Writes a Hugging Face folder: config.json, model.safetensors (bf16), tokenizer files with a chat
-template, generation_config.json, a model card (README.md) and the loss curve (loss_curve.png).
+Data: the documentation topics of `pydoc_data` and the docstrings and comment blocks of the standard library's
+own source files (read with `ast` and `tokenize`, nothing imported), split into training and held-out documents
+(every 20th is held out). A byte-level BPE tokenizer is trained with `tokenizers` on the training documents; a
+Llama-style model (Hugging Face parameter names, so Tritium and transformers load the folder) is trained on random
+windows of the token stream. Writes a Hugging Face folder: config.json, model.safetensors (bf16), tokenizer files
+with a chat template, generation_config.json, a model card (README.md) and the loss curve (loss_curve.png).
 
     python scripts/train_demo_model.py --out tritium/default_model            # the demo model (GPU: minutes)
     python scripts/train_demo_model.py --size tiny --steps 30 --out /tmp/m    # a smoke run on a CPU
@@ -13,11 +13,13 @@ template, generation_config.json, a model card (README.md) and the loss curve (l
 
 import argparse
 import ast
+import io
 import json
 import math
 import platform
 import sysconfig
 import time
+import tokenize
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -38,18 +40,18 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# Sampling defaults for the folder (transformers' names): a model this small reads best sampled a little cool.
+GENERATION_DEFAULTS = {"eos_token_id": 0, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "demo": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
-                 intermediate_size=1024, vocab_size=4096),
-    "demo-narrow": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                        intermediate_size=704, vocab_size=4096),
+    "demo": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=704, vocab_size=4096),
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=48, vocab_size=320),
 }
 
 
 def documents(max_docs: int | None = None) -> list[str]:
-    """pydoc's topics, then every docstring of the standard library's sources, in a fixed order."""
+    """pydoc's topics, then the docstrings and comment blocks of the standard library's sources, in a fixed order."""
     docs = [topics[k].strip() for k in sorted(topics)]
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
@@ -57,15 +59,34 @@ def documents(max_docs: int | None = None) -> list[str]:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
+            continue  # a file the running Python cannot parse (e.g. a test fixture)
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 40:
                     docs.append(doc.strip())
+        docs += comment_blocks(path.read_text(encoding="utf-8"))
         if max_docs and len(docs) >= max_docs:
             break
     return docs[:max_docs] if max_docs else docs
+
+
+def comment_blocks(source: str, min_chars: int = 80) -> list[str]:
+    """Runs of `#` comments on consecutive lines, each joined into one paragraph (the source's prose that is not a
+    docstring)."""
+    blocks, lines, last_row = [], [], -2
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        text = tok.string.lstrip("#").strip()
+        if tok.start[0] != last_row + 1 and lines:
+            blocks.append(" ".join(lines))
+            lines = []
+        if text:
+            lines.append(text)
+        last_row = tok.start[0]
+    blocks.append(" ".join(lines))
+    return [b for b in blocks if len(b) >= min_chars]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -173,12 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", choices=list(SIZES), default="demo")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=100,
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--eval-every", type=int, default=50,
                         help="held-out loss every N steps; the weights with the lowest are the ones saved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (smoke runs)")
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": EOT, "pad_token": EOT,
         "chat_template": CHAT_TEMPLATE, "model_max_length": config["max_position_embeddings"]}, indent=1) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "max_new_tokens": 64}) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=1) + "\n")
     save_file(best, str(out / "model.safetensors"), metadata={"format": "pt"})
     card = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     report = {"parameters": params, "train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
@@ -259,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         plt.close(fig)
     trained = ("Untrained: seeded random weights, a placeholder whose text is noise (`--steps 0`)." if not args.steps
                else "Trained on Python's own documentation: the `pydoc_data` topics and the standard library's "
-               "docstrings (every 20th document held out); the weights saved are those of the step with the lowest "
-               "held-out loss.")
+               "docstrings and comment blocks (every 20th document held out); the weights saved are those of the step "
+               "with the lowest held-out loss.")
     (out / "README.md").write_text(
         f"# Tritium's demo model\n\nA Llama-style model made by `scripts/train_demo_model.py` (seed {args.seed}, "
         f"size `{args.size}`, {args.steps} steps). {trained}\n\n"
