@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--input", type=Path, default=None, help="JSONL of {prompt | prompt_token_ids | messages}")
     gen.add_argument("--output", type=Path, default=None, help="JSONL results (default: standard output)")
     gen.add_argument("--chat", action="store_true", help="send each PROMPT as a user message through the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
+    # Unset sampling options take the model's generation_config.json defaults, then SamplingParams' own.
+    gen.add_argument("--max-tokens", type=int, default=None, help="default: the model's max_new_tokens, else 64")
+    gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--min-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (JSONL mode)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
@@ -151,14 +152,15 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     from tritium.engine.sampling_params import SamplingParams
     from tritium.generate import run_generate
 
+    sampling = {name: value for name in ("temperature", "top_k", "top_p", "min_p", "max_tokens")
+                if (value := getattr(args, name)) is not None}
+    sampling.update(seed=args.seed, n=args.n, stop=args.stop, ignore_eos=args.ignore_eos)
     try:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                seed=args.seed, max_tokens=args.max_tokens, n=args.n, stop=args.stop,
-                                ignore_eos=args.ignore_eos)
+        SamplingParams(**sampling)  # bad values are named before the model loads
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        run_generate(args.model, args.prompts, args.input, args.output, params, chat=args.chat,
+        run_generate(args.model, args.prompts, args.input, args.output, sampling, chat=args.chat,
                      skip_tokenizer_init=args.skip_tokenizer_init, **_engine_kwargs(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")

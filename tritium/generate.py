@@ -9,6 +9,8 @@ from pathlib import Path
 from tritium.engine.llm import LLM
 from tritium.engine.sampling_params import SamplingParams
 
+DEFAULT_MAX_TOKENS = 64  # where neither the user nor the model's generation_config.json sets max_new_tokens
+
 DEFAULT_MODEL_NOTE = ("Using Tritium's built-in default model: random weights for now (a trained one will replace "
                       "them), so its text is noise. Give --model DIR for a Hugging Face model folder.")
 
@@ -46,15 +48,17 @@ def read_prompts(path: Path) -> list[dict]:
 
 def run_generate(
     model: str | None, prompts: list[str], input_path: Path | None, output_path: Path | None,
-    params: SamplingParams, chat: bool = False, **engine_options,
+    sampling: dict, chat: bool = False, **engine_options,
 ) -> None:
     """Stream each command-line prompt's text to standard output, or run a JSONL file as one batch into
-    `output_path` (standard output when None)."""
+    `output_path` (standard output when None). `sampling` holds the SamplingParams fields the user set; the
+    model's generation_config.json fills the rest, and 64 tokens at most where it says nothing."""
     out = sys.stdout
     if model is None:
         print(DEFAULT_MODEL_NOTE, file=sys.stderr)
         model = str(default_model_dir())
     llm = LLM(model, **engine_options)
+    params = SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **llm.engine.sampling_defaults, **sampling})
     if input_path is None:
         for prompt in prompts:
             if chat:

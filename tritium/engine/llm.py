@@ -52,7 +52,7 @@ class LLM:
         """One prompt or a list; `params` for all of them or one per prompt. All are checked before any is queued."""
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         requests = [self._parse(i, p) for i, p in enumerate(prompts)]
-        return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+        return self._run(requests, self._per_prompt(params, len(requests)), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -61,7 +61,12 @@ class LLM:
         template; one RequestOutput per conversation."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         requests = [self._chat_request(c, add_generation_prompt) for c in conversations]
-        return self._run(requests, _per_prompt(params, len(requests)), use_tqdm)
+        return self._run(requests, self._per_prompt(params, len(requests)), use_tqdm)
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """What a call without SamplingParams uses: the model folder's generation_config.json defaults
+        (temperature, top_k, top_p, min_p, max_new_tokens), else SamplingParams' own, under `overrides`."""
+        return self.engine.default_sampling_params(**overrides)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
         """One conversation as the token-id prompt `generate` takes (what `chat` sends for it)."""
@@ -76,7 +81,7 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt (one sample), yielding its text as it grows. The tail that could still turn out
         to be the start of a stop string is held back until it cannot, so the pieces join to the final text."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if params.n != 1:
             raise ValueError(f"stream gives one sample; got n={params.n}")
         _, ids = self._parse(0, prompt)
@@ -106,6 +111,13 @@ class LLM:
                              "give prompts as {'prompt_token_ids': [...]}")
         return self.engine.tokenizer
 
+    def _per_prompt(self, params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
+        if isinstance(params, list):
+            if len(params) != count:
+                raise ValueError(f"{len(params)} SamplingParams for {count} prompts: give one, or one per prompt")
+            return params
+        return [params or self.default_sampling_params()] * count
+
     def _run(self, requests: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool,
              ) -> list[RequestOutput]:
         for (_, ids), p in zip(requests, params):
@@ -123,12 +135,6 @@ class LLM:
         return [out for out, _ in queued]
 
 
-def _per_prompt(params: SamplingParams | list[SamplingParams] | None, count: int) -> list[SamplingParams]:
-    if isinstance(params, list):
-        if len(params) != count:
-            raise ValueError(f"{len(params)} SamplingParams for {count} prompts: give one, or one per prompt")
-        return params
-    return [params or SamplingParams()] * count
 
 
 def _completion(seq: Sequence) -> CompletionOutput:

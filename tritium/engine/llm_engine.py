@@ -48,9 +48,10 @@ class LLMEngine:
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if isinstance(model, ModelConfig):
-            self.model, self.eos_ids = random_model(model, dtype, device), set()
+            self.model, self.eos_ids, self.sampling_defaults = random_model(model, dtype, device), set(), {}
         else:
             self.model, self.eos_ids = load_model(model, dtype, device), _eos_ids(Path(model))
+            self.sampling_defaults = _sampling_defaults(Path(model))
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -79,6 +80,11 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
             self.scheduler.add(seq)
         return seqs
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams with the model's defaults (generation_config.json: temperature, top_k, top_p, min_p,
+        max_new_tokens, as vLLM reads them) under the fields given here."""
+        return SamplingParams(**{**self.sampling_defaults, **overrides})
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a request, before it is queued."""
@@ -171,6 +177,23 @@ def _eos_ids(model_dir: Path) -> set[int]:
             eos = json.loads(path.read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
     return ids
+
+
+# generation_config.json keys (transformers' names) that become SamplingParams defaults.
+_SAMPLING_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "max_new_tokens": "max_tokens"}
+
+
+def _sampling_defaults(model_dir: Path) -> dict:
+    """The sampling fields a folder's generation_config.json sets; a value SamplingParams refuses raises here."""
+    path = model_dir / "generation_config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    defaults = {ours: raw[theirs] for theirs, ours in _SAMPLING_KEYS.items() if raw.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return defaults
 
 
 def _kv_blocks(model, device: torch.device, block_size: int, utilization: float, max_model_len: int) -> int:

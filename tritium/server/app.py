@@ -77,7 +77,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
     async def completions(body: CompletionRequest):
         _check_model(body.model, model_name)
         ids = body.prompt if isinstance(body.prompt, list) else tok.encode(body.prompt)
-        params = _params(engine, ids, lambda: body.sampling_params(body.max_tokens, body.logprobs))
+        params = _params(engine, ids, lambda d: body.sampling_params(body.max_tokens, body.logprobs, d))
         rid = response_id("cmpl")
         samples = Samples(body.n, params.stop)
         k = body.logprobs
@@ -115,7 +115,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
         ids = tok.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.engine.max_model_len - len(ids)
         k = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(engine, ids, lambda: body.sampling_params(max_tokens, k))
+        params = _params(engine, ids, lambda d: body.sampling_params(max_tokens, k, d))
         rid = response_id("chatcmpl")
         samples = Samples(body.n, params.stop)
 
@@ -152,9 +152,11 @@ def _check_model(asked: str, served: str) -> None:
 
 
 def _params(engine: AsyncEngine, ids: list[int], make) -> SamplingParams:
-    """The request's SamplingParams, checked against the engine (lengths, vocabulary) before anything is queued."""
+    """The request's SamplingParams (`make(model defaults)`), checked against the engine (lengths, vocabulary)
+    before anything is queued."""
+    defaults = {k: v for k, v in engine.engine.sampling_defaults.items() if k != "max_tokens"}  # the request's rule
     try:
-        params = make()
+        params = make(defaults)
         engine.engine.check_request(ids, params)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None

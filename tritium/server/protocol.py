@@ -23,10 +23,11 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(strict=True)
     model: str
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0  # -1 or 0: all tokens
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # Unset (or null) sampling fields take the model's generation_config.json defaults, then SamplingParams' own.
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: all tokens
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     seed: int | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[
         list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = None
@@ -35,10 +36,13 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
-                              min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict) -> SamplingParams:
+        """The request's SamplingParams; `defaults` (the model's) fill the sampling fields it leaves unset."""
+        given = {name: v for name in ("temperature", "top_p", "min_p") if (v := getattr(self, name)) is not None}
+        if self.top_k is not None:
+            given["top_k"] = max(self.top_k, 0)
+        return SamplingParams(**{**defaults, **given}, n=self.n, seed=self.seed, max_tokens=max_tokens,
+                              stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
 
     @property
     def include_usage(self) -> bool:
