@@ -29,20 +29,26 @@ class DecodeInputs:
         self.seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=device)  # cu_seqlens_q, seqused_k
         self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.max_keys = max_blocks_per_seq * block_size
+        # Host staging: pinned on a GPU, so the copies are asynchronous (no stream sync per copy).
+        pin = device.type == "cuda"
+        self.host_tokens = torch.zeros(3, max_seqs, dtype=torch.int64, pin_memory=pin)
+        self.host_seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, pin_memory=pin)
+        self.host_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
 
     def fill(self, size: int, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
              block_tables: list[list[int]]) -> None:
-        """Copy in b <= size decodes and pad them to `size` sequences (three host-to-device copies)."""
+        """Copy in b <= size decodes and pad them to `size` sequences. The host buffers are rewritten only after
+        the previous step's copies are done: each step ends by reading its sampled tokens back, a sync."""
         b = len(ids)
         pad = size - b
-        tokens = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
-        self.tokens[:, :size].copy_(tokens)
-        info = list(range(b + 1)) + [b] * pad + context_lens + [0] * pad
-        self.seq_info[:2 * size + 1].copy_(torch.tensor(info, dtype=torch.int32))
+        self.host_tokens[:, :size] = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad])
+        self.host_seq_info[:2 * size + 1] = torch.tensor(list(range(b + 1)) + [b] * pad + context_lens + [0] * pad)
         width = max(len(t) for t in block_tables)
         # Entries past a row's own pages may be stale from an earlier step: never read, the kernel stops at seqused_k.
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.block_table[:b, :width].copy_(table)
+        self.host_table[:b, :width] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
+        self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
+        self.seq_info[:2 * size + 1].copy_(self.host_seq_info[:2 * size + 1], non_blocking=True)
+        self.block_table[:b, :width].copy_(self.host_table[:b, :width], non_blocking=True)
 
     def forward(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 size: int) -> torch.Tensor:

@@ -48,7 +48,9 @@ class ModelRunner:
         done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
         if not done:
             return {}
-        logits = self.model.logits(hidden[[cu[i + 1] - 1 for i in done]])
+        last_rows = [cu[i + 1] - 1 for i in done]
+        # A decode batch samples from every row in order: no gather.
+        logits = self.model.logits(hidden if last_rows == list(range(hidden.shape[0])) else hidden[last_rows])
         seqs = [batch[i][0] for i in done]
         tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
         return {s.seq_id: (t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)}

@@ -10,11 +10,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            ) -> tuple[list[int], list[dict[int, float] | None]]:
     """One token per row of logits [rows, vocab] (float32), and for each row that asks, {token id: logprob} of the
     top `logprobs` tokens in descending order plus the chosen token (last when it is not among them)."""
-    tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        tokens[index] = _sample_rows(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
+    if len(rows) == len(params):
+        tokens = _sample_rows(logits, params, generators)
+    else:
+        tokens = logits.argmax(dim=-1)
+        if rows:
+            _put(tokens, rows, _sample_rows, logits, params, generators)
     token_list = tokens.tolist()
     return token_list, _logprobs(logits, tokens, token_list, [p.logprobs for p in params])
 
@@ -26,12 +28,21 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     needs_filter = [bool(p.top_k or p.min_p > 0 or p.top_p < 1) for p in params]
     filtered = [i for i, f in enumerate(needs_filter) if f]
     plain = [i for i, f in enumerate(needs_filter) if not f]
+    if not filtered:
+        return _sample_plain(logits, params, generators)
+    if not plain:
+        return _sample_filtered(logits, params, generators)
     out = torch.empty(len(params), dtype=torch.long, device=logits.device)
     for group, draw in ((filtered, _sample_filtered), (plain, _sample_plain)):
-        if group:
-            index = torch.tensor(group, device=logits.device)
-            out[index] = draw(logits[index], [params[i] for i in group], [generators[i] for i in group])
+        _put(out, group, draw, logits, params, generators)
     return out
+
+
+def _put(out: torch.Tensor, rows: list[int], draw, logits: torch.Tensor, params: list[SamplingParams],
+         generators: list[torch.Generator | None]) -> None:
+    """out[rows] = draw(the rows' logits, params, generators)."""
+    index = torch.tensor(rows, device=logits.device)
+    out[index] = draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
 
 
 def _sample_plain(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -40,6 +51,9 @@ def _sample_plain(logits: torch.Tensor, params: list[SamplingParams], generators
 
 
 def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    temperatures = {p.temperature for p in params}
+    if len(temperatures) == 1:  # the usual batch: one scalar, no host-to-device copy
+        return torch.softmax(logits / temperatures.pop(), dim=-1)
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
     return torch.softmax(logits / temperature, dim=-1)
 
