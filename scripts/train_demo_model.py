@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
               "lr": args.lr, "dropout": args.dropout, "saved_step": best_step,
               "first_loss": curve[0] if curve else math.nan, "final_loss": curve[-1] if curve else math.nan,
               "held_out_loss": held, "held_out_perplexity": math.exp(held), "seconds": seconds, "card": card,
+              "weights_mb": round((out / "model.safetensors").stat().st_size / 1e6, 1),
               "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed}
     if curve:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -279,14 +280,17 @@ def main(argv: list[str] | None = None) -> dict:
         fig.savefig(out / "loss_curve.png", dpi=110)
         plt.close(fig)
     trained = ("Untrained: seeded random weights, a placeholder whose text is noise (`--steps 0`)." if not args.steps
-               else "Trained on Python's own documentation: the `pydoc_data` topics and the standard library's "
-               "docstrings and comment blocks (every 20th document held out); the weights saved are those of the step "
-               "with the lowest held-out loss.")
+               else f"Trained on Python {platform.python_version()}'s own documentation: the `pydoc_data` topics and "
+               "the standard library's docstrings and comment blocks (every 20th document held out; another Python "
+               "version carries slightly different text). The weights saved are those of the step with the lowest "
+               "held-out loss.")
     (out / "README.md").write_text(
         f"# Tritium's demo model\n\nA Llama-style model made by `scripts/train_demo_model.py` (seed {args.seed}, "
         f"size `{args.size}`, {args.steps} steps). {trained}\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in report.items())
-        + ("\n\nLoss curve: `loss_curve.png`.\n" if curve else "\n"))
+        + ("\n\nLoss curve: `loss_curve.png`.\n" if curve else "\n")
+        + f"\nRebuild: `python scripts/train_demo_model.py --out DIR --size {args.size} --steps {args.steps} "
+        f"--seed {args.seed}` (defaults for the rest).\n")
     print(f"{params:,} parameters, {len(train_ids):,} training tokens, {args.steps} steps in {seconds:.0f} s on "
           f"{card}; held-out perplexity {math.exp(held):.2f}; wrote {out}")
     return report

@@ -3,6 +3,9 @@
 import json
 
 import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
 
 from tritium import LLM, SamplingParams
 from tritium.cli import main
@@ -14,14 +17,43 @@ def llm():
     return LLM(str(default_model_dir()))
 
 
-def test_default_model_folder_is_complete():
-    names = {p.name for p in default_model_dir().iterdir()}
+def test_default_model_folder_is_complete_and_in_budget():
+    folder = default_model_dir()
+    names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "README.md"} <= names
+            "generation_config.json", "README.md", "loss_curve.png"} <= names
+    weights = load_file(folder / "model.safetensors")
+    assert sum(t.numel() for t in weights.values()) <= 15_000_000
+    assert (folder / "model.safetensors").stat().st_size <= 30 * 10**6
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+    card = (folder / "README.md").read_text()
+    for field in ("parameters", "held_out_perplexity", "seconds", "card: NVIDIA"):
+        assert field in card
+
+
+def test_default_model_greedy_equals_transformers():
+    """The shipped trained model is the real-model fixture: Tritium's greedy tokens are transformers' on it."""
+    folder = default_model_dir()
+    prompts = ["The for statement", "A list comprehension", "Return the number of", "Exceptions"]
+    llm = LLM(str(folder), dtype="float32")
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    for prompt, result in zip(prompts, got, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        assert result.prompt_token_ids == ids[0].tolist()
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert result.outputs[0].token_ids == expected
+        assert result.outputs[0].text == tok.decode(expected, skip_special_tokens=True)
 
 
 def test_prompt_streams_the_same_text_as_generate(llm, capsys):
-    params = SamplingParams(temperature=0.8, seed=5, max_tokens=24)
+    # Options not given (top_p here) come from the model's generation_config.json.
+    params = llm.default_sampling_params(temperature=0.8, seed=5, max_tokens=24)
+    assert params.top_p == 0.9
     expected = llm.generate(["The for statement"], params, use_tqdm=False)[0].outputs[0].text
     assert main(["generate", "The for statement", "--temperature", "0.8", "--seed", "5", "--max-tokens", "24"]) == 0
     captured = capsys.readouterr()

@@ -185,7 +185,7 @@ def test_api_key_is_required_on_v1():
 
 def test_random_weights_in_a_model_shape_served_with_another_folders_tokenizer():
     """What an H100 serving benchmark of a large model's shape uses: random weights, the default model's tokenizer."""
-    raw = {**MODEL_SHAPES["llama-3.2-1b"], "torch_dtype": "float32", "num_hidden_layers": 1, "vocab_size": 512,
+    raw = {**MODEL_SHAPES["llama-3.2-1b"], "torch_dtype": "float32", "num_hidden_layers": 1, "vocab_size": 4096,
            "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
     with running_server(model=ModelConfig.from_dict(raw), name="tiny-shape", tokenizer=str(default_model_dir()),
                         block_size=4, max_model_len=64) as (url, _):

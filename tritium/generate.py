@@ -11,8 +11,8 @@ from tritium.engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 64  # where neither the user nor the model's generation_config.json sets max_new_tokens
 
-DEFAULT_MODEL_NOTE = ("Using Tritium's built-in default model: random weights for now (a trained one will replace "
-                      "them), so its text is noise. Give --model DIR for a Hugging Face model folder.")
+DEFAULT_MODEL_NOTE = ("Using Tritium's built-in demo model (7M parameters trained on Python's own documentation; "
+                      "see tritium/default_model/README.md). Give --model DIR for a Hugging Face model folder.")
 
 
 def default_model_dir() -> Path:
