@@ -7,6 +7,7 @@ latency, ITL) and end-to-end latency are recorded, and the run reports throughpu
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -70,8 +71,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if not any(c.get("text") for c in chunk.get("choices", [])):
-                    continue
+                if not chunk.get("choices"):  # the usage chunk at the end
+                    continue  # a chunk with choices carries one engine step's tokens, even if their text is empty
                 now = time.perf_counter()
                 if last is None:
                     res.ttft = now - start
@@ -149,7 +150,8 @@ def run_serve_bench(
     }
     _print(report)
     env = report["client"]  # the client machine; the server's card is the server's to report
-    name = f"serve-{model.replace('/', '_')}-{num_prompts}req-{env['date'][:10]}-{env['commit']}"
+    rate = "burst" if math.isinf(request_rate) else f"rate{request_rate:g}"
+    name = f"serve-{model.replace('/', '_')}-{num_prompts}req-{rate}-{env['date'][:10]}-{env['commit']}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot_latency_cdfs({"TTFT": [r.ttft * 1e3 for r in good], "TPOT": [t * 1e3 for t in tpot],

@@ -119,7 +119,8 @@ def run_throughput_bench(
         del hf_weights
         report["transformers"] = _transformers_peer(hf, requests[:hf_prompts])
     _print(report)
-    name = (f"throughput-{env['card'].replace(' ', '_')}-{model.replace('/', '_')}-{'single' if single else 'batch'}"
+    mode = ("single" if single else "batch") + ("-eager" if engine_options.get("enforce_eager") else "")
+    name = (f"throughput-{env['card'].replace(' ', '_')}-{model.replace('/', '_')}-{mode}"
             f"-{env['date'][:10]}-{env['commit']}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
