@@ -47,30 +47,31 @@ def _put(out: torch.Tensor, rows: list[int], draw, logits: torch.Tensor, params:
 
 def _sample_plain(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                   ) -> torch.Tensor:
-    return _race(_probs(logits, params), generators)
+    # The race below in log space: argmax(p_i / E_i) = argmax(logits_i / T - log E_i), no softmax needed.
+    return (_scaled(logits, params) - _noise(logits, generators).log_()).argmax(dim=-1)
 
 
-def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits / temperature, row by row."""
     temperatures = {p.temperature for p in params}
     if len(temperatures) == 1:  # the usual batch: one scalar, no host-to-device copy
-        return torch.softmax(logits / temperatures.pop(), dim=-1)
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
-    return torch.softmax(logits / temperature, dim=-1)
+        return logits / temperatures.pop()
+    return logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
 
 
-def _race(weights: torch.Tensor, generators: list[torch.Generator | None], keep: torch.Tensor | None = None,
-          ) -> torch.Tensor:
-    """argmax(w / E) with E ~ Exp(1) i.i.d. picks index i with probability w_i / sum(w): one draw per row, while
-    each seeded row takes its noise from its own generator so that it reproduces whatever else is in the batch."""
-    noise = torch.empty_like(weights).exponential_()
+def _noise(like: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """E ~ Exp(1) i.i.d. shaped like `like` (clamped above 0); each seeded row draws from its own generator, so it
+    reproduces whatever else is in the batch."""
+    noise = torch.empty_like(like).exponential_()
     for row, gen in enumerate(generators):
         if gen is not None:
             noise[row].exponential_(generator=gen)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    scores = weights / noise
-    if keep is not None:
-        scores = torch.where(keep, scores, -1.0)
-    return scores.argmax(dim=-1)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _race(weights: torch.Tensor, generators: list[torch.Generator | None], keep: torch.Tensor) -> torch.Tensor:
+    """argmax(w / E) with E ~ Exp(1) i.i.d. picks index i with probability w_i / sum(w), among the kept ones."""
+    return torch.where(keep, weights / _noise(weights, generators), -1.0).argmax(dim=-1)
 
 
 def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -78,7 +79,7 @@ def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], generat
     column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
     vocab = logits.shape[-1]
     # Filters in rank order, each on what the previous left: top-k, then min-p, then top-p of the remaining mass.
-    probs, order = _probs(logits, params).sort(dim=-1, descending=True, stable=True)
+    probs, order = torch.softmax(_scaled(logits, params), dim=-1).sort(dim=-1, descending=True, stable=True)
     keep = torch.arange(vocab, device=logits.device) < column([p.top_k or vocab for p in params])
     keep &= probs >= column([p.min_p for p in params]) * probs[:, :1]
     kept = probs * keep
