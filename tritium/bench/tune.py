@@ -3,19 +3,25 @@
 The suite's scenarios are grouped by problem class (the key `choose_config` looks up); for each class every
 candidate is timed on each of its scenarios, and the candidate with the best geometric-mean time relative to
 each scenario's fastest wins. Winners are checked against the reference, then merged into the user's cache
-under this device's key, which the kernel reads on its next start.
+under this device's key, which the kernel reads on its next start. Compiling dominates a serial run, so every
+class's candidates are first compiled by parallel worker processes into Triton's on-disk cache, which the timing
+loop then loads from.
 """
 
 import json
 import math
+import multiprocessing
+import os
+import warnings
 from collections import defaultdict
-from dataclasses import asdict, replace
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tritium.bench.batches import random_paged_batch, reference_sample
+from tritium.bench.batches import PagedBatch, random_paged_batch, reference_sample
 from tritium.bench.scenarios import Scenario, load_scenarios, select_scenarios
 from tritium.bench.timing import median_ms
 from tritium.ops.attention import AttentionConfig, unified_attention
@@ -28,6 +34,19 @@ from tritium.ops.attention.configs import (
 )
 
 ERROR_BOUND = 2e-2  # bf16/fp16 output against the float32 reference
+CONFIGS_PER_JOB = 4  # small jobs keep every compiling worker busy to the end
+MAX_COMPILE_WORKERS = 16  # each holds a CUDA context and a copy of its class's batches on the one GPU
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """Some of one class's candidates, and what a worker process needs to rebuild the class's batches."""
+
+    members: tuple[Scenario, ...]
+    configs: tuple[AttentionConfig, ...]
+    page_size: int
+    dtype: torch.dtype
+    device: str
 
 
 def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[AttentionConfig]:
@@ -59,26 +78,18 @@ def tune(
     if not torch.cuda.is_available():
         raise RuntimeError("tritium tune needs a GPU: the interpreter's timings say nothing about a device")
     device = torch.device("cuda")
-    scenarios = select_scenarios(load_scenarios(), scenario_names)
-    classes: dict[str, list[Scenario]] = defaultdict(list)
-    for sc in scenarios:
-        tokens = sum(q for q, _ in sc.seqs)
-        cls = problem_class(tokens, len(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size)
-        classes[cls].append(sc)
+    classes = problem_classes(select_scenarios(load_scenarios(), scenario_names), page_size)
+    precompile(compile_jobs(classes, page_size, dtype, device))
 
     sms = multiprocessor_count(device)
     winners: dict[str, dict] = {}
     for cls, members in tqdm(classes.items(), desc="tuning", unit="class"):
-        batches = [random_paged_batch(list(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size,
-                                      dtype=dtype, device=device) for sc in members]
-        runs = [(b, sc, b.kernel_args(torch.empty_like(b.q), window_size=sc.window_size))
-                for b, sc in zip(batches, members)]
-        default = _default(batches[0])
-        sc0 = members[0]
-        best, best_ms = _search(runs, candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size,
-                                                 default.num_splits))
+        runs = _runs(members, page_size, dtype, device)
+        default = _default(members[0], device)
+        best, best_ms = _search(runs, first_candidates(cls, members, device))
         if cls.startswith("decode-"):
             best, best_ms = _search(runs, [best, replace(best, page_lookahead=1)])
+            sc0 = members[0]
             programs = len(sc0.seqs) * sc0.num_kv_heads
             splits = [s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if s == 1 or programs * s <= 16 * sms]
             best, best_ms = _search(runs, [replace(best, num_splits=s) for s in splits])
@@ -90,11 +101,87 @@ def tune(
         gain = _geomean([d / t for d, t in zip(default_ms, best_ms)])
         tqdm.write(f"{cls:28s} {best}  {', '.join(f'{t:.4f}' for t in best_ms)} ms "
                    f"({gain:.2f}x the untuned default)")
-        del batches, runs
+        del runs
         torch.cuda.empty_cache()
 
     print(f"wrote {len(winners)} tuned configs for {device_key(device)} to {cache or user_cache_path()}")
     return winners
+
+
+def problem_classes(scenarios: list[Scenario], page_size: int) -> dict[str, list[Scenario]]:
+    """The scenarios grouped by problem class, in the suite's order."""
+    classes: dict[str, list[Scenario]] = defaultdict(list)
+    for sc in scenarios:
+        tokens = sum(q for q, _ in sc.seqs)
+        cls = problem_class(tokens, len(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size)
+        classes[cls].append(sc)
+    return classes
+
+
+def first_candidates(cls: str, members: list[Scenario], device: torch.device) -> list[AttentionConfig]:
+    """The candidates the search times first for a class: what is precompiled, and what decode classes'
+    lookahead and split searches then vary."""
+    sc0 = members[0]
+    return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, _default(sc0, device).num_splits)
+
+
+def compile_jobs(
+    classes: dict[str, list[Scenario]], page_size: int, dtype: torch.dtype, device: torch.device,
+) -> list[CompileJob]:
+    """Every class's first candidates in jobs of CONFIGS_PER_JOB, ordered chunk by chunk across the classes so
+    that few workers build copies of the same (possibly multi-GB) batches at once."""
+    ranked = []
+    for cls, members in classes.items():
+        configs = first_candidates(cls, members, device)
+        for rank, start in enumerate(range(0, len(configs), CONFIGS_PER_JOB)):
+            chunk = tuple(configs[start : start + CONFIGS_PER_JOB])
+            ranked.append((rank, CompileJob(tuple(members), chunk, page_size, dtype, str(device))))
+    return [job for _, job in sorted(ranked, key=lambda r: r[0])]
+
+
+def precompile(jobs: list[CompileJob]) -> None:
+    """Run the jobs in parallel processes, so that the timing loop finds their kernels in Triton's on-disk cache.
+
+    Only a head start: a job that fails, or a pool that does, is a warning, and the timing loop compiles the rest.
+    """
+    workers = min(os.cpu_count() or 1, len(jobs), MAX_COMPILE_WORKERS)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    failed = []
+    try:
+        with tqdm(total=sum(len(job.configs) for job in jobs), desc="compiling", unit="config") as bar:
+            sizes = {pool.submit(compile_job, job): len(job.configs) for job in jobs}
+            skipped = 0
+            for done in as_completed(sizes):
+                bar.update(sizes[done])
+                if done.exception() is None:
+                    skipped += sizes[done] - done.result()
+                    bar.set_postfix(skipped=skipped)
+                else:  # out of memory for the batches, say, or a crashed worker (which fails every job left)
+                    failed.append(done.exception())
+    except Exception as exc:  # no worker could start, for one
+        warnings.warn(f"precompiling stopped ({exc!r}); the timing loop compiles the kernels", stacklevel=2)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C, queued jobs are dropped
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(jobs)} compile jobs failed (the first: {failed[0]!r}); the timing loop "
+                      "compiles their kernels", stacklevel=2)
+
+
+def compile_job(job: CompileJob) -> int:
+    """Launch each config of the job once on the class's batches, built as tune builds them (same dtypes, strides
+    and divisibility, so the same kernel specialisations); returns how many configs launched."""
+    runs = _runs(list(job.members), job.page_size, job.dtype, job.device)
+    launched = 0
+    for config in job.configs:
+        try:
+            for _, _, args in runs:
+                unified_attention(*args, config=config)
+        except Exception:  # does not fit this device: not a candidate here, as _time decides too
+            continue
+        launched += 1
+    del runs
+    torch.cuda.empty_cache()  # this worker's next job may be another class
+    return launched
 
 
 def _store(path: Path, key: str, winners: dict[str, dict]) -> None:
@@ -119,10 +206,21 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _default(batch) -> AttentionConfig:
-    q = batch.q
-    return default_config(q.device, q.shape[0], batch.seqused_k.numel(), q.shape[1], batch.k_cache.shape[2],
-                          q.shape[2])
+def _runs(
+    members: list[Scenario], page_size: int, dtype: torch.dtype, device: str | torch.device,
+) -> list[tuple[PagedBatch, Scenario, tuple]]:
+    """Each scenario's batch, with the arguments of every launch on it (the timed ones and the compiling ones)."""
+    runs = []
+    for sc in members:
+        batch = random_paged_batch(list(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size,
+                                   dtype=dtype, device=device)
+        runs.append((batch, sc, batch.kernel_args(torch.empty_like(batch.q), window_size=sc.window_size)))
+    return runs
+
+
+def _default(sc: Scenario, device: torch.device) -> AttentionConfig:
+    return default_config(device, sum(q for q, _ in sc.seqs), len(sc.seqs), sc.num_q_heads, sc.num_kv_heads,
+                          sc.head_size)
 
 
 def _time(fn) -> float:
