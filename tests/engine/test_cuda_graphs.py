@@ -4,7 +4,7 @@ invariant through the Triton interpreter; capture and replay are checked on a GP
 import pytest
 import torch
 
-from tritium.engine.cuda_graphs import DecodeInputs, batch_buckets
+from tritium.engine.cuda_graphs import DecodeInputs, batch_buckets, fill_rows
 from tritium.models.attention import AttentionMetadata
 from tritium.models.config import ModelConfig
 from tritium.models.loader import random_model
@@ -16,6 +16,12 @@ from tritium.models.loader import random_model
 ])
 def test_buckets_cover_every_batch_size(max_seqs, expected):
     assert batch_buckets(max_seqs) == expected
+
+
+def test_fill_rows_writes_each_row_and_leaves_the_rest():
+    table = torch.full((3, 5), -7, dtype=torch.int32)
+    fill_rows(table, [[1, 2], [3, 4, 5, 6, 7], []])
+    assert table.tolist() == [[1, 2, -7, -7, -7], [3, 4, 5, 6, 7], [-7] * 5]
 
 
 def tiny_config() -> ModelConfig:

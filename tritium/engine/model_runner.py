@@ -2,7 +2,7 @@
 
 import torch
 
-from tritium.engine.cuda_graphs import DecodeGraphs
+from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
 from tritium.engine.sampler import sample
 from tritium.engine.sequence import Sequence
 from tritium.models.attention import AttentionMetadata
@@ -34,7 +34,7 @@ class ModelRunner:
         ids, positions, slots, cu, used, tables = [], [], [], [0], [], []
         for seq, n in batch:
             start = seq.num_computed
-            ids += seq.tokens[start:start + n]
+            ids += seq.token_slice(start, start + n)
             for p in range(start, start + n):
                 positions.append(p)
                 slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
@@ -58,8 +58,8 @@ class ModelRunner:
     def _forward(self, ids: list[int], positions: list[int], slots: list[int], cu: list[int], used: list[int],
                  tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
         """The eager forward of any batch."""
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        table = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
+        fill_rows(table, tables)
         to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
             cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
