@@ -13,8 +13,8 @@ class ModelRunner:
     """Owns the KV cache; runs decode steps through CUDA graphs when `cuda_graphs` (a GPU with the Triton backend:
     the reference backend reads lengths on the host), every other step eagerly."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str,
-                 cuda_graphs: bool = False, max_seqs: int = 256, max_model_len: int = 0) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str, cuda_graphs: bool,
+                 max_seqs: int, max_model_len: int) -> None:
         cfg = model.config
         self.model, self.block_size, self.backend = model, block_size, backend
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
