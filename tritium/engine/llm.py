@@ -135,8 +135,6 @@ class LLM:
         return [out for out, _ in queued]
 
 
-
-
 def _completion(seq: Sequence) -> CompletionOutput:
     asked = seq.params.logprobs is not None
     return CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids),

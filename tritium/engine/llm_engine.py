@@ -50,8 +50,10 @@ class LLMEngine:
         if isinstance(model, ModelConfig):
             self.model, self.eos_ids, self.sampling_defaults = random_model(model, dtype, device), set(), {}
         else:
-            self.model, self.eos_ids = load_model(model, dtype, device), _eos_ids(Path(model))
-            self.sampling_defaults = _sampling_defaults(Path(model))
+            generation = _read_json(Path(model) / "generation_config.json")
+            self.model = load_model(model, dtype, device)
+            self.eos_ids = _eos_ids(generation) | _eos_ids(_read_json(Path(model) / "config.json"))
+            self.sampling_defaults = _sampling_defaults(generation, Path(model) / "generation_config.json")
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -169,14 +171,15 @@ def _find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str]
     return min(hits, key=lambda hit: (hit[0], len(hit[1]))) if hits else None
 
 
-def _eos_ids(model_dir: Path) -> set[int]:
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    return ids
+def _read_json(path: Path) -> dict:
+    """A model folder's JSON file, or {} where the folder has none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _eos_ids(config: dict) -> set[int]:
+    """The end-of-sequence ids a config.json or generation_config.json names (one id or a list)."""
+    eos = config.get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
 
 
 # generation_config.json keys (transformers' names) that become SamplingParams defaults.
@@ -184,10 +187,9 @@ _SAMPLING_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_
                   "max_new_tokens": "max_tokens"}
 
 
-def _sampling_defaults(model_dir: Path) -> dict:
-    """The sampling fields a folder's generation_config.json sets; a value SamplingParams refuses raises here."""
-    path = model_dir / "generation_config.json"
-    raw = json.loads(path.read_text()) if path.is_file() else {}
+def _sampling_defaults(raw: dict, path: Path) -> dict:
+    """The sampling fields a generation_config.json (read from `path`) sets; a value SamplingParams refuses raises
+    here, naming the file."""
     defaults = {ours: raw[theirs] for theirs, ours in _SAMPLING_KEYS.items() if raw.get(theirs) is not None}
     try:
         SamplingParams(**defaults)

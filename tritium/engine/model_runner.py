@@ -49,8 +49,8 @@ class ModelRunner:
         if not done:
             return {}
         last_rows = [cu[i + 1] - 1 for i in done]
-        # A decode batch samples from every row in order: no gather.
-        logits = self.model.logits(hidden if last_rows == list(range(hidden.shape[0])) else hidden[last_rows])
+        # The last rows are distinct and increasing: as many as the rows means every row, in order (a decode batch).
+        logits = self.model.logits(hidden if len(last_rows) == hidden.shape[0] else hidden[last_rows])
         seqs = [batch[i][0] for i in done]
         tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
         return {s.seq_id: (t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)}
