@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import torch
-import transformers
 from safetensors.torch import load_file
 
+from tests.engine.helpers import assert_greedy_equals_transformers
 from tritium import LLM, SamplingParams
 from tritium.cli import main
 from tritium.generate import DEFAULT_MODEL_NOTE, default_model_dir
@@ -34,20 +33,8 @@ def test_default_model_folder_is_complete_and_in_budget():
 
 def test_default_model_greedy_equals_transformers():
     """The shipped trained model is the real-model fixture: Tritium's greedy tokens are transformers' on it."""
-    folder = default_model_dir()
-    prompts = ["The for statement", "A list comprehension", "Return the number of", "Exceptions"]
-    llm = LLM(str(folder), dtype="float32")
-    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-    for prompt, result in zip(prompts, got, strict=True):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        assert result.prompt_token_ids == ids[0].tolist()
-        with torch.no_grad():
-            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        assert result.outputs[0].token_ids == expected
-        assert result.outputs[0].text == tok.decode(expected, skip_special_tokens=True)
+    assert_greedy_equals_transformers(default_model_dir(), ["The for statement", "A list comprehension",
+                                                            "Return the number of", "Exceptions"], max_tokens=24)
 
 
 def test_prompt_streams_the_same_text_as_generate(llm, capsys):

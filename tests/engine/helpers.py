@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
+import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from tritium import LLM, SamplingParams
 
 SENTENCES = [
     "The cat sat on the mat, and the dog sat on the log.",
@@ -47,3 +51,19 @@ def save_tokenizer(path: Path, vocab_size: int = 300, chat_template: str | None 
     if chat_template is not None:
         config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def assert_greedy_equals_transformers(folder: Path, prompts: list[str], max_tokens: int) -> None:
+    """Tritium's greedy tokens and text on a text model folder equal transformers' generate and decode (float32)."""
+    llm = LLM(str(folder), dtype="float32")
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    for prompt, result in zip(prompts, got, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        assert result.prompt_token_ids == ids[0].tolist()
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert result.outputs[0].token_ids == expected
+        assert result.outputs[0].text == tok.decode(expected, skip_special_tokens=True)

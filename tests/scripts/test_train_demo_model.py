@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from tritium import LLM, SamplingParams
+from tests.engine.helpers import assert_greedy_equals_transformers
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
 
@@ -40,19 +40,7 @@ def test_smoke_run_learns_and_writes_a_model_folder(trained):
 
 
 def test_tritium_greedy_equals_transformers_on_the_trained_folder(trained):
-    out, _ = trained
-    prompts = ["The for statement", "Return the"]
-    llm = LLM(str(out), dtype="float32")
-    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(out)
-    for prompt, result in zip(prompts, got):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        assert result.prompt_token_ids == ids[0].tolist()
-        with torch.no_grad():
-            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        assert result.outputs[0].token_ids == expected
+    assert_greedy_equals_transformers(trained[0], ["The for statement", "Return the"], max_tokens=8)
 
 
 def test_training_model_logits_equal_transformers(trained):
