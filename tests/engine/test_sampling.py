@@ -28,13 +28,13 @@ def test_sampler_rows_independent_of_batch(gen):
     params = [SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(seed=2, top_k=5),
               SamplingParams(), SamplingParams(seed=3, top_p=0.5, temperature=0.7), SamplingParams(seed=4, min_p=0.2)]
     gens = lambda: [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]  # noqa: E731
-    tokens, logprobs = sample(logits, params, gens())
+    tokens, logprobs = sample(logits, params, gens()).result()
     assert tokens[0] == int(logits[0].argmax()) and logprobs == [None] * 6
     for row, p in enumerate(params):
         if p.seed is not None:
-            alone, _ = sample(logits[row:row + 1], [p], [torch.Generator().manual_seed(p.seed)])
+            alone, _ = sample(logits[row:row + 1], [p], [torch.Generator().manual_seed(p.seed)]).result()
             assert alone == [tokens[row]]
-    again, _ = sample(logits, params, gens())
+    again, _ = sample(logits, params, gens()).result()
     assert [t for t, p in zip(again, params) if p.seed is not None] == [t for t, p in zip(tokens, params) if p.seed]
 
 
@@ -50,7 +50,7 @@ def test_sampler_frequencies(gen):
         assert kept < 8 or p.top_p == 1
         expected = torch.zeros(8)
         expected[order[:kept]] = ranked[:kept] / ranked[:kept].sum()
-        tokens, _ = sample(logits.expand(draws, -1).clone(), [p] * draws, [None] * draws)
+        tokens, _ = sample(logits.expand(draws, -1).clone(), [p] * draws, [None] * draws).result()
         freq = torch.bincount(torch.tensor(tokens), minlength=8) / draws
         assert (freq - expected).abs().max() < 0.015, (p, freq, expected)
 

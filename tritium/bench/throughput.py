@@ -4,7 +4,9 @@ Random weights in a real model's shape (no download) or a model folder; prompts 
 input and output lengths drawn uniformly, EOS ignored. Reports requests/s and tokens/s, and for each decode
 step (a step that runs only decodes) the share of the memory roofline it reached: the bytes the step must
 read (every weight once, plus each sequence's cached K/V) over the copy bandwidth measured in the same run,
-divided by the step's time. `--single` runs one stream instead (the latency mode).
+divided by the step's time: from the previous step's tokens on the host to this step's (the engine launches a
+decode before reading back the one before it; timing a step alone would stall that overlap). `--single` runs
+one stream instead (the latency mode).
 """
 
 import json
@@ -78,11 +80,12 @@ def run_throughput_bench(
     for i, (ids, n_out) in enumerate(requests):
         engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True), str(i))
     with tqdm(total=len(requests), desc="generating", unit="request") as bar:
+        t0 = start
         while engine.has_unfinished():
-            t0 = time.perf_counter()
             finished = engine.step()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) * 1e3
+            # From the last step's tokens on the host to this one's: no sync between, the next decode is queued.
+            t1 = time.perf_counter()
+            ms, t0 = (t1 - t0) * 1e3, t1
             s = engine.last_step
             row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
             if row["decode_only"]:

@@ -75,13 +75,14 @@ class BlockManager:
         seq.page_hashes = hashes[: len(hits)]
         return True
 
-    def pages_missing(self, seq: Sequence) -> int:
-        """Pages the sequence needs beyond those it holds, for its current length."""
-        return max(0, -(-len(seq) // self.block_size) - len(seq.block_table))
+    def pages_missing(self, seq: Sequence, length: int | None = None) -> int:
+        """Pages the sequence needs beyond those it holds, for `length` tokens (default: its current length)."""
+        return max(0, -(-(length or len(seq)) // self.block_size) - len(seq.block_table))
 
-    def grow(self, seq: Sequence) -> None:
-        """Add pages so the sequence's current length fits; the caller checked pages_missing <= num_free."""
-        for _ in range(self.pages_missing(seq)):
+    def grow(self, seq: Sequence, length: int | None = None) -> None:
+        """Add pages so `length` tokens (default: its current length) fit; the caller checked pages_missing <=
+        num_free."""
+        for _ in range(self.pages_missing(seq, length)):
             seq.block_table.append(self._take())
 
     def commit_full_pages(self, seq: Sequence, num_tokens: int) -> None:

@@ -37,26 +37,37 @@ class DecodeInputs:
         self.seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=device)  # cu_seqlens_q, seqused_k
         self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.max_keys = max_blocks_per_seq * block_size
-        # Host staging: pinned on a GPU, so the copies are asynchronous (no stream sync per copy).
+        # Host staging, two sets used in turn: pinned on a GPU, so the copies are asynchronous. A step is filled
+        # while the one before may not have run yet, so a set is rewritten only once its last copies are done.
         pin = device.type == "cuda"
-        self.host_tokens = torch.zeros(3, max_seqs, dtype=torch.int64, pin_memory=pin)
-        self.host_seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, pin_memory=pin)
-        self.host_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.host_tokens = torch.zeros(2, 3, max_seqs, dtype=torch.int64, pin_memory=pin)
+        self.host_seq_info = torch.zeros(2, 2 * max_seqs + 1, dtype=torch.int32, pin_memory=pin)
+        self.host_table = torch.zeros(2, max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.turn = 0
 
-    def fill(self, size: int, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-             block_tables: list[list[int]]) -> None:
-        """Copy in b <= size decodes and pad them to `size` sequences. The host buffers are rewritten only after
-        the previous step's copies are done: each step ends by reading its sampled tokens back, a sync."""
-        b = len(ids)
-        pad = size - b
-        self.host_tokens[:, :size] = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad])
-        self.host_seq_info[:2 * size + 1] = torch.tensor(list(range(b + 1)) + [b] * pad + context_lens + [0] * pad)
+    def fill(self, size: int, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
+             context_lens: list[int], block_tables: list[list[int]]) -> None:
+        """Copy in b <= size decodes and pad them to `size` sequences. `ids` may be a device tensor: the tokens
+        the previous step sampled, not yet read back."""
+        b, pad, turn = len(positions), size - len(positions), self.turn
+        self.turn ^= 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()
+        host_tokens, host_seq_info, host_table = self.host_tokens[turn], self.host_seq_info[turn], self.host_table[turn]
+        host_ids = ids if isinstance(ids, list) else [0] * b
+        host_tokens[:, :size] = torch.tensor([host_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad])
+        host_seq_info[:2 * size + 1] = torch.tensor(list(range(b + 1)) + [b] * pad + context_lens + [0] * pad)
         width = max(len(t) for t in block_tables)
         # Entries past a row's own pages may be stale from an earlier step: never read, the kernel stops at seqused_k.
-        fill_rows(self.host_table, block_tables)
-        self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
-        self.seq_info[:2 * size + 1].copy_(self.host_seq_info[:2 * size + 1], non_blocking=True)
-        self.block_table[:b, :width].copy_(self.host_table[:b, :width], non_blocking=True)
+        fill_rows(host_table, block_tables)
+        self.tokens[:, :size].copy_(host_tokens[:, :size], non_blocking=True)
+        self.seq_info[:2 * size + 1].copy_(host_seq_info[:2 * size + 1], non_blocking=True)
+        self.block_table[:b, :width].copy_(host_table[:b, :width], non_blocking=True)
+        if self.copied[turn] is not None:
+            self.copied[turn].record()
+        if not isinstance(ids, list):
+            self.tokens[0, :b].copy_(ids)
 
     def forward(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 size: int) -> torch.Tensor:
@@ -96,10 +107,10 @@ class DecodeGraphs:
         """The captured size a batch of num_seqs decodes replays; None when it is larger than every bucket."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def forward(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+    def forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], context_lens: list[int],
                 block_tables: list[list[int]]) -> torch.Tensor:
         """Hidden states [b, hidden] of b decodes (b at most the largest bucket), valid until the next replay."""
-        size = self.bucket(len(ids))
+        size = self.bucket(len(positions))
         self.inputs.fill(size, ids, positions, slots, context_lens, block_tables)
         self.graphs[size].replay()
-        return self.outputs[size][:len(ids)]
+        return self.outputs[size][:len(positions)]

@@ -117,11 +117,12 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that finished in it."""
-        batch = self.scheduler.schedule()
+        # Sequences that arrived while decodes were launched ahead join after those decodes, unless none is left.
+        batch = self.scheduler.schedule(admit=self.runner.ahead is None) or self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
         self.last_step = StepStats(len(batch), sum(n for _, n in batch), sum(s.num_computed + n for s, n in batch))
-        sampled = self.runner.step(batch)
+        sampled = self.runner.step(batch, self._ahead(batch))
         finished = []
         for seq, n in batch:
             seq.num_computed += n
@@ -133,6 +134,21 @@ class LLMEngine:
                 self.runner.release(seq)
                 finished.append(seq)
         return finished
+
+    def _ahead(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """The sequences whose next decode can be launched before this step's tokens are read back: when nothing
+        waits to be admitted and every running sequence samples in this step, those that do not end on this
+        token by length; each is given the page for one more token. Empty when that is not the case."""
+        if self.scheduler.waiting or len(batch) != len(self.scheduler.running):
+            return []
+        if any(seq.num_computed + n != len(seq) for seq, n in batch):  # a prefill chunk runs on next step
+            return []
+        seqs = [seq for seq, _ in batch if len(seq.output_ids) + 1 < seq.params.max_tokens]
+        if sum(self.blocks.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.blocks.num_free:
+            return []
+        for seq in seqs:
+            self.blocks.grow(seq, len(seq) + 1)
+        return seqs
 
     def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
         """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""

@@ -3,15 +3,41 @@
 import torch
 
 from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
-from tritium.engine.sampler import sample
+from tritium.engine.sampler import Sampled, sample
 from tritium.engine.sequence import Sequence
 from tritium.models.attention import AttentionMetadata
 from tritium.models.llama import LlamaForCausalLM
 
 
+class Launched:
+    """A step on its way through the device: which sequences sample in it, at which positions their query tokens
+    sit (what the next schedule must ask for, to take a step that was launched ahead), and its samples."""
+
+    def __init__(self, seqs: list[Sequence], positions: list[int], sampled: Sampled | None) -> None:
+        self.seqs, self.positions, self.sampled = seqs, positions, sampled
+
+    def serves(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Whether this step computed every sequence of `batch` as it asks: a decode at the launched position."""
+        launched = {seq.seq_id: pos for seq, pos in zip(self.seqs, self.positions, strict=True)}
+        return all(n == 1 and launched.get(seq.seq_id) == seq.num_computed for seq, n in batch)
+
+    def results(self) -> dict[int, tuple[int, dict[int, float] | None]]:
+        if self.sampled is None:  # nothing sampled: every sequence ran a prefill chunk that is not its last
+            return {}
+        tokens, logprobs = self.sampled.result()
+        return {s.seq_id: (t, lp) for s, t, lp in zip(self.seqs, tokens, logprobs, strict=True)}
+
+
 class ModelRunner:
     """Owns the KV cache; runs decode steps through CUDA graphs when `cuda_graphs` (a GPU with the Triton backend:
-    the reference backend reads lengths on the host), every other step eagerly."""
+    the reference backend reads lengths on the host), every other step eagerly.
+
+    A step can be launched ahead: the next decode of the sequences that run on (the engine picks them), fed on the
+    device with the tokens being sampled now and queued before those tokens are read back, so the device does not
+    wait for the host between steps. The next `step` takes it when its batch is those decodes or some of them (a
+    sequence that stopped or was aborted is left out). The engine admits no new sequence meanwhile and has reserved
+    the pages, so the only other case is that all of them ended: then it is dropped, and its K/V writes, at a
+    position past what each sequence had cached, in a page the sequence owned, are never read."""
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str, cuda_graphs: bool,
                  max_seqs: int, max_model_len: int) -> None:
@@ -26,38 +52,66 @@ class ModelRunner:
         self.graphs = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // block_size), block_size)
+        self.ahead: Launched | None = None
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]]) -> dict[int, tuple[int, dict[int, float] | None]]:
+    def step(self, batch: list[tuple[Sequence, int]], ahead: list[Sequence] = ()
+             ) -> dict[int, tuple[int, dict[int, float] | None]]:
         """Run `n` tokens of each sequence; returns (sampled token, its logprobs if asked) of each sequence whose
-        context is done, by seq_id."""
+        context is done, by seq_id. Then launches the next decode of the `ahead` sequences (each samples in this
+        step and holds a page for one more token) before waiting for this step's tokens."""
+        launched, self.ahead = self.ahead, None
+        if launched is None or not launched.serves(batch):
+            launched = self._launch(batch)
+        if ahead:
+            self.ahead = self._launch_ahead(ahead, launched)
+        results = launched.results()
+        return {seq.seq_id: results[seq.seq_id] for seq, _ in batch if seq.seq_id in results}
+
+    def _launch(self, batch: list[tuple[Sequence, int]]) -> Launched:
         ids, positions, slots, cu, used, tables = [], [], [], [0], [], []
         for seq, n in batch:
             start = seq.num_computed
             ids += seq.token_slice(start, start + n)
             for p in range(start, start + n):
                 positions.append(p)
-                slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
+                slots.append(self._slot(seq, p))
             cu.append(cu[-1] + n)
             used.append(start + n)
             tables.append(seq.block_table)
-        if self.graphs is not None and cu[-1] == len(batch) and self.graphs.bucket(len(batch)) is not None:
-            hidden = self.graphs.forward(ids, positions, slots, used, tables)
-        else:
-            hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
+        hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
         done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
-        if not done:
-            return {}
         last_rows = [cu[i + 1] - 1 for i in done]
         # The last rows are distinct and increasing: as many as the rows means every row, in order (a decode batch).
-        logits = self.model.logits(hidden if len(last_rows) == hidden.shape[0] else hidden[last_rows])
+        if len(last_rows) != hidden.shape[0]:
+            hidden = hidden[last_rows]
         seqs = [batch[i][0] for i in done]
-        tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
-        return {s.seq_id: (t, lp) for s, t, lp in zip(seqs, tokens, logprobs, strict=True)}
+        return Launched(seqs, [len(s) - 1 for s in seqs], self._sample(hidden, seqs) if seqs else None)
 
-    def _forward(self, ids: list[int], positions: list[int], slots: list[int], cu: list[int], used: list[int],
-                 tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
-        """The eager forward of any batch."""
+    def _launch_ahead(self, seqs: list[Sequence], launched: Launched) -> Launched:
+        """The decode of each of `seqs` at position len(seq), its input token the one `launched` samples for it."""
+        tokens = launched.sampled.tokens
+        if len(seqs) != len(launched.seqs):
+            row = {s.seq_id: i for i, s in enumerate(launched.seqs)}
+            tokens = tokens[torch.tensor([row[s.seq_id] for s in seqs], device=tokens.device)]
+        positions = [len(s) for s in seqs]
+        slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
+        used = [p + 1 for p in positions]
+        tables = [s.block_table for s in seqs]
+        hidden = self._forward(tokens, positions, slots, list(range(len(seqs) + 1)), used, tables, 1)
+        return Launched(seqs, positions, self._sample(hidden, seqs))
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        return sample(self.model.logits(hidden), [s.params for s in seqs], [self._generator(s) for s in seqs])
+
+    def _forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], cu: list[int],
+                 used: list[int], tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
+        """Hidden states of the batch's tokens: a captured graph for decodes, else the eager forward."""
+        if self.graphs is not None and max_seqlen_q == 1 and self.graphs.bucket(len(used)) is not None:
+            return self.graphs.forward(ids, positions, slots, used, tables)
         table = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
         fill_rows(table, tables)
         to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
@@ -65,7 +119,8 @@ class ModelRunner:
             cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
             slot_mapping=to(slots, torch.int64), max_seqlen_q=max_seqlen_q, max_seqlen_k=max(used),
             backend=self.backend)
-        return self.model(to(ids, torch.long), to(positions, torch.long), meta, self.kv_caches)
+        ids = ids if isinstance(ids, torch.Tensor) else to(ids, torch.long)
+        return self.model(ids, to(positions, torch.long), meta, self.kv_caches)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

@@ -6,10 +6,47 @@ import torch
 from tritium.engine.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           ) -> tuple[list[int], list[dict[int, float] | None]]:
-    """One token per row of logits [rows, vocab] (float32), and for each row that asks, {token id: logprob} of the
-    top `logprobs` tokens in descending order plus the chosen token (last when it is not among them)."""
+class Sampled:
+    """A step's sampled tokens on the device, and their copy on its way to the host: `result()` waits for that copy
+    alone, not for work queued after it (the next step, launched meanwhile)."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, ks: list[int | None]) -> None:
+        self.tokens = tokens  # [rows] int64 on the logits' device: the next step can read them there
+        self.ks = ks
+        tensors = [tokens]
+        if any(k is not None for k in ks):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            tensors += [logprobs.gather(1, tokens[:, None]).squeeze(1),
+                        *logprobs.topk(max(k or 0 for k in ks), dim=-1)]
+        # A copy to the host with non_blocking lands in pinned memory and returns at once; the event says when.
+        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        """(token of each row, {token id: logprob} of the top `k` tokens in descending order plus the chosen token,
+        last when it is not among them, for each row that asks)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_list = self._host[0].tolist()
+        if len(self._host) == 1:
+            return token_list, [None] * len(self.ks)
+        chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
+        out: list[dict[int, float] | None] = []
+        for row, k in enumerate(self.ks):
+            if k is None:
+                out.append(None)
+                continue
+            entry = dict(zip(top_ids[row][:k], top_values[row][:k]))
+            entry.setdefault(token_list[row], chosen[row])
+            out.append(entry)
+        return token_list, out
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Sampled:
+    """One token per row of logits [rows, vocab] (float32), and the logprobs of the rows that ask for them."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == len(params):
         tokens = _sample_rows(logits, params, generators)
@@ -17,8 +54,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         tokens = logits.argmax(dim=-1)
         if rows:
             _put(tokens, rows, _sample_rows, logits, params, generators)
-    token_list = tokens.tolist()
-    return token_list, _logprobs(logits, tokens, token_list, [p.logprobs for p in params])
+    return Sampled(logits, tokens, [p.logprobs for p in params])
 
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -87,22 +123,3 @@ def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], generat
     top_p = column([p.top_p for p in params])
     keep &= (mass_before < top_p * kept.sum(dim=-1, keepdim=True)) | (top_p >= 1)  # rounding: 1 must keep all
     return order.gather(1, _race(probs, generators, keep)[:, None]).squeeze(1)
-
-
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_list: list[int], ks: list[int | None],
-              ) -> list[dict[int, float] | None]:
-    if all(k is None for k in ks):
-        return [None] * len(ks)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    top_values, top_ids = logprobs.topk(max(k or 0 for k in ks), dim=-1)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    out: list[dict[int, float] | None] = []
-    for row, k in enumerate(ks):
-        if k is None:
-            out.append(None)
-            continue
-        entry = dict(zip(top_ids[row][:k], top_values[row][:k]))
-        entry.setdefault(token_list[row], chosen[row])
-        out.append(entry)
-    return out

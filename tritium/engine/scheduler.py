@@ -30,8 +30,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run) for the next step; non-empty whenever there is work that fits at all."""
+    def schedule(self, admit: bool = True) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run) for the next step; non-empty whenever there is work that fits at all. With
+        `admit` False, waiting sequences wait one more step (the running ones' decodes were launched ahead)."""
         budget = self.max_tokens
         batch: list[tuple[Sequence, int]] = []
         i = 0
@@ -48,7 +49,7 @@ class Scheduler:
                 i += 1
                 continue
             break  # seq itself was preempted: nothing newer is left running
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             if not self.blocks.allocate_prompt(seq):
                 break
