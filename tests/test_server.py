@@ -3,6 +3,7 @@ generation, hostile requests, disconnects freeing pages, Prometheus metrics and 
 
 import asyncio
 import json
+import socket
 import time
 from collections import defaultdict
 
@@ -222,6 +223,31 @@ def test_disconnect_mid_stream_frees_the_pages(server):
         time.sleep(0.02)
     assert blocks.num_free == idle
     assert not engine.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(("path", "body", "prompts"), [
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", "The for statement"]}, 2),
+    ("/v1/chat/completions", OK_CHAT, 1),
+])
+def test_disconnect_before_a_whole_response_aborts_the_request(server, path, body, prompts):
+    url, engine = server
+    blocks = engine.engine.blocks
+    idle = blocks.num_blocks
+    aborts = "tritium_requests_total" + str([("finish_reason", "abort")])
+    before = _metrics(url).get(aborts, 0)
+    data = json.dumps({**body, "max_tokens": 200, "ignore_eos": True, "n": 2}).encode()
+    with socket.create_connection(("127.0.0.1", httpx.URL(url).port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 10
+        while blocks.num_free == idle:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10  # the abort counter tells an abort from a request that ran to its end
+    while (blocks.num_free != idle or _metrics(url).get(aborts, 0) < before + prompts) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert blocks.num_free == idle and not engine.engine.has_unfinished()
+    assert _metrics(url).get(aborts, 0) == before + prompts
 
 
 def _metrics(url: str) -> dict[str, float]:

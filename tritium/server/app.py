@@ -1,6 +1,7 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health and /metrics.
 Every failure is answered with OpenAI's error object and a 4xx code (5xx only for engine faults)."""
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -74,7 +75,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                                             "max_model_len": engine.engine.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = body.prompt_ids(tok.encode)
         params = _params(engine, prompts, lambda d: body.sampling_params(body.max_tokens, body.logprobs, d))
@@ -100,13 +101,13 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                 if body.include_usage:
                     yield {**envelope(rid, "text_completion", model_name, []), "usage": samples.usage(prompt_tokens)}
             return _sse(chunks())
-        await _collect(updates, samples)
+        await _collect(request, updates, samples)
         choices = [choice(i, samples.text[i], samples.token_ids[i], samples.logprobs[i], 0)
                    for i in range(len(samples.text))]
         return {**envelope(rid, "text_completion", model_name, choices), "usage": samples.usage(prompt_tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -138,7 +139,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                 if body.include_usage:
                     yield {**envelope(rid, "chat.completion.chunk", model_name, []), "usage": samples.usage(len(ids))}
             return _sse(chunks())
-        await _collect(updates, samples)
+        await _collect(request, updates, samples)
         choices = [{"index": i, "message": {"role": "assistant", "content": samples.text[i]},
                     "logprobs": lps(samples.token_ids[i], samples.logprobs[i]),
                     "finish_reason": samples.finish_reason[i]} for i in range(body.n)]
@@ -168,15 +169,34 @@ def _params(engine: AsyncEngine, prompts: list[list[int]], make) -> SamplingPara
     return params
 
 
-async def _collect(updates: AsyncIterator, samples: Samples) -> None:
-    try:
+async def _collect(request: Request, updates: AsyncIterator, samples: Samples) -> None:
+    """Record a whole response's updates. A client that disconnects first cancels the collection, which ends
+    `updates` early and so aborts the request, as a stream's end does."""
+    async def collect() -> None:
         async for step in updates:
             for u in step:
                 samples.add(u)
+
+    work, gone = asyncio.create_task(collect()), asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        work.cancel()
+        gone.cancel()
+    if work not in done:
+        raise APIError(499, "the client closed the request")  # nginx's code; nobody is left to read it
+    try:
+        work.result()
     except EngineDead as exc:
         raise APIError(503, str(exc), "server_error") from None
     except ValueError as exc:  # the engine refused a prompt
         raise APIError(400, str(exc)) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (as Starlette's StreamingResponse listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
