@@ -1,9 +1,11 @@
-"""`tritium serve` over HTTP on loopback: the openai client, concurrency against offline generation, hostile
-requests, disconnects freeing pages, Prometheus metrics and the API key."""
+"""`tritium serve` over HTTP on loopback: the openai client, batches of prompts, concurrency against offline
+generation, hostile requests, disconnects freeing pages, Prometheus metrics and the API key."""
 
 import asyncio
 import json
+import socket
 import time
+from collections import defaultdict
 
 import httpx
 import openai
@@ -15,6 +17,7 @@ from tritium import LLM, SamplingParams
 from tritium.generate import default_model_dir
 from tritium.models.config import ModelConfig
 from tritium.models.shapes import MODEL_SHAPES
+from tritium.server.protocol import MAX_PROMPTS
 
 MAX_MODEL_LEN = 256
 
@@ -57,6 +60,36 @@ def test_openai_client_completions_and_chat(client):
     assert client.models.list().data[0].id == MODEL
 
 
+def test_a_batch_of_prompts_in_each_form_equals_the_prompts_one_by_one(server, client):
+    texts = ["The for statement", "A while loop", "Hello"]
+    ids = [server[1].engine.tokenizer.encode(t) for t in texts]
+    args = dict(model=MODEL, max_tokens=4, temperature=0, n=2, extra_body={"ignore_eos": True})
+    singles = [client.completions.create(prompt=t, **args) for t in texts]
+    expected = [c.text for s in singles for c in s.choices]  # choice index = prompt index * n + sample index
+    assert len(set(expected)) == 3  # greedy: the n samples agree, the prompts do not
+    assert [c.text for c in client.completions.create(prompt=ids[1], **args).choices] == expected[2:4]
+    for prompt in (texts, ids):
+        done = client.completions.create(prompt=prompt, **args)
+        assert [c.index for c in done.choices] == list(range(6)) and [c.text for c in done.choices] == expected
+        assert done.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles) == sum(map(len, ids))
+        assert done.usage.completion_tokens == 3 * 2 * 4
+
+
+def test_a_streamed_batch_gives_each_chunk_its_choice_index(client):
+    args = dict(model=MODEL, prompt=["The for statement", "A while loop"], max_tokens=6, temperature=0, n=2,
+                extra_body={"ignore_eos": True})
+    done = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    texts, finish = defaultdict(str), {}
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finish[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in done.choices} and len(set(texts.values())) == 2
+    assert finish == dict.fromkeys(range(4), "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+
+
 def test_64_concurrent_streams_equal_offline_generation(server):
     prompts = [f"Request {i}: the while loop" + " and" * (i % 7) for i in range(64)]
     aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused")
@@ -90,6 +123,13 @@ BAD = [  # (path, body (bytes are sent as they are), status, param or None)
     ("/v1/completions", {**OK_COMPLETION, "prompt": 42}, 400, "prompt"),
     ("/v1/completions", {**OK_COMPLETION, "prompt": [1, 10**9]}, 400, None),
     ("/v1/completions", {**OK_COMPLETION, "prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", 1]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], "Hello"]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], []]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", ""]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [None]}, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], [3, 10**9]]}, 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello"] * (MAX_PROMPTS + 1)}, 400, "prompt"),
     ("/v1/completions", {**OK_COMPLETION, "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {**OK_COMPLETION, "max_tokens": MAX_MODEL_LEN}, 400, None),
@@ -133,6 +173,42 @@ def test_bad_request_gets_an_error_object(server, path, body, status, param):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+@pytest.mark.parametrize(("prompt", "message"), [
+    ([], "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
+    (["Hello", 7], "prompt.texts.1: Input should be a valid string"),
+    ([[1, 2], "Hello"], "prompt.token_id_lists.1: Input should be a valid list"),
+    ([[1, 2], []], "prompt.token_id_lists.1: List should have at least 1 item"),
+    ([[1, 2], [3, 10**9]], "prompt 1: prompt token ids must be integers in [0, "),
+    (["Hello", "word " * 400], "prompt 1: prompt ("),
+])
+def test_a_bad_batch_is_named_and_nothing_of_it_queued(server, prompt, message):
+    url, engine = server
+    body = {**OK_COMPLETION, "prompt": prompt, "max_tokens": 50, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+    assert not engine.engine.has_unfinished()
+
+
+def test_a_batch_the_engine_refuses_in_part_leaves_nothing_queued(server, monkeypatch):
+    url, engine = server
+    add = engine.engine.add_request
+
+    def refuse_the_second(prompt_ids, params, request_id):
+        if request_id.endswith("-1"):
+            raise ValueError("refused")
+        return add(prompt_ids, params, request_id)
+
+    monkeypatch.setattr(engine.engine, "add_request", refuse_the_second)
+    body = {**OK_COMPLETION, "prompt": ["Hello", "The for statement", "A while loop"], "max_tokens": 200,
+            "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "prompt 1: refused"
+    assert not engine.engine.has_unfinished() and engine.engine.blocks.num_free == engine.engine.blocks.num_blocks
+    events = httpx.post(url + "/v1/completions", json={**body, "stream": True}, timeout=30).text.split("\n\n")
+    assert json.loads(events[0][6:])["error"]["message"] == "prompt 1: refused" and events[1] == "data: [DONE]"
+    assert not engine.engine.has_unfinished()
+
+
 def test_disconnect_mid_stream_frees_the_pages(server):
     url, engine = server
     blocks = engine.engine.blocks
@@ -147,6 +223,31 @@ def test_disconnect_mid_stream_frees_the_pages(server):
         time.sleep(0.02)
     assert blocks.num_free == idle
     assert not engine.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(("path", "body", "prompts"), [
+    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", "The for statement"]}, 2),
+    ("/v1/chat/completions", OK_CHAT, 1),
+])
+def test_disconnect_before_a_whole_response_aborts_the_request(server, path, body, prompts):
+    url, engine = server
+    blocks = engine.engine.blocks
+    idle = blocks.num_blocks
+    aborts = "tritium_requests_total" + str([("finish_reason", "abort")])
+    before = _metrics(url).get(aborts, 0)
+    data = json.dumps({**body, "max_tokens": 200, "ignore_eos": True, "n": 2}).encode()
+    with socket.create_connection(("127.0.0.1", httpx.URL(url).port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 10
+        while blocks.num_free == idle:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10  # the abort counter tells an abort from a request that ran to its end
+    while (blocks.num_free != idle or _metrics(url).get(aborts, 0) < before + prompts) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert blocks.num_free == idle and not engine.engine.has_unfinished()
+    assert _metrics(url).get(aborts, 0) == before + prompts
 
 
 def _metrics(url: str) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health and /metrics.
 Every failure is answered with OpenAI's error object and a 4xx code (5xx only for engine faults)."""
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -74,19 +75,20 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                                             "max_model_len": engine.engine.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        ids = body.prompt if isinstance(body.prompt, list) else tok.encode(body.prompt)
-        params = _params(engine, ids, lambda d: body.sampling_params(body.max_tokens, body.logprobs, d))
+        prompts = body.prompt_ids(tok.encode)
+        params = _params(engine, prompts, lambda d: body.sampling_params(body.max_tokens, body.logprobs, d))
         rid = response_id("cmpl")
-        samples = Samples(body.n, params.stop)
+        samples = Samples(len(prompts) * body.n, params.stop)  # choice i: prompt i // n, sample i % n
+        prompt_tokens = sum(map(len, prompts))
         k = body.logprobs
 
         def choice(i: int, text: str, new_ids: list[int], new_lps: list[dict], offset: int) -> dict:
             lps = completion_logprobs(tok, new_ids, new_lps, k, offset) if k is not None else None
             return {"index": i, "text": text, "logprobs": lps, "finish_reason": samples.finish_reason[i]}
 
-        updates = engine.generate(ids, params, engine.new_request_id(rid))
+        updates = engine.generate(prompts, params, engine.new_request_id(rid))
         if body.stream:
             async def chunks() -> AsyncIterator[dict]:
                 async for step in updates:
@@ -97,14 +99,15 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                         choices.append(choice(u.index, delta, u.new_token_ids, u.new_logprobs, offset))
                     yield envelope(rid, "text_completion", model_name, choices)
                 if body.include_usage:
-                    yield {**envelope(rid, "text_completion", model_name, []), "usage": samples.usage(len(ids))}
+                    yield {**envelope(rid, "text_completion", model_name, []), "usage": samples.usage(prompt_tokens)}
             return _sse(chunks())
-        await _collect(updates, samples)
-        choices = [choice(i, samples.text[i], samples.token_ids[i], samples.logprobs[i], 0) for i in range(body.n)]
-        return {**envelope(rid, "text_completion", model_name, choices), "usage": samples.usage(len(ids))}
+        await _collect(request, updates, samples)
+        choices = [choice(i, samples.text[i], samples.token_ids[i], samples.logprobs[i], 0)
+                   for i in range(len(samples.text))]
+        return {**envelope(rid, "text_completion", model_name, choices), "usage": samples.usage(prompt_tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -115,14 +118,14 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
         ids = tok.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.engine.max_model_len - len(ids)
         k = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(engine, ids, lambda d: body.sampling_params(max_tokens, k, d))
+        params = _params(engine, [ids], lambda d: body.sampling_params(max_tokens, k, d))
         rid = response_id("chatcmpl")
         samples = Samples(body.n, params.stop)
 
         def lps(new_ids: list[int], new_lps: list[dict]) -> dict | None:
             return chat_logprobs(tok, new_ids, new_lps, k) if k is not None else None
 
-        updates = engine.generate(ids, params, engine.new_request_id(rid))
+        updates = engine.generate([ids], params, engine.new_request_id(rid))
         if body.stream:
             async def chunks() -> AsyncIterator[dict]:
                 roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -136,7 +139,7 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                 if body.include_usage:
                     yield {**envelope(rid, "chat.completion.chunk", model_name, []), "usage": samples.usage(len(ids))}
             return _sse(chunks())
-        await _collect(updates, samples)
+        await _collect(request, updates, samples)
         choices = [{"index": i, "message": {"role": "assistant", "content": samples.text[i]},
                     "logprobs": lps(samples.token_ids[i], samples.logprobs[i]),
                     "finish_reason": samples.finish_reason[i]} for i in range(body.n)]
@@ -151,25 +154,49 @@ def _check_model(asked: str, served: str) -> None:
                        code="model_not_found")
 
 
-def _params(engine: AsyncEngine, ids: list[int], make) -> SamplingParams:
-    """The request's SamplingParams (`make(model defaults)`), checked against the engine (lengths, vocabulary)
-    before anything is queued."""
+def _params(engine: AsyncEngine, prompts: list[list[int]], make) -> SamplingParams:
+    """The request's SamplingParams (`make(model defaults)`), checked with each prompt against the engine (lengths,
+    vocabulary) before anything is queued; in a batch, the error names the prompt."""
     defaults = {k: v for k, v in engine.engine.sampling_defaults.items() if k != "max_tokens"}  # the request's rule
+    where = ""
     try:
         params = make(defaults)
-        engine.engine.check_request(ids, params)
+        for i, ids in enumerate(prompts):
+            where = f"prompt {i}: " if len(prompts) > 1 else ""
+            engine.engine.check_request(ids, params)
     except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        raise APIError(400, where + str(exc)) from None
     return params
 
 
-async def _collect(updates: AsyncIterator, samples: Samples) -> None:
-    try:
+async def _collect(request: Request, updates: AsyncIterator, samples: Samples) -> None:
+    """Record a whole response's updates. A client that disconnects first cancels the collection, which ends
+    `updates` early and so aborts the request, as a stream's end does."""
+    async def collect() -> None:
         async for step in updates:
             for u in step:
                 samples.add(u)
+
+    work, gone = asyncio.create_task(collect()), asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        work.cancel()
+        gone.cancel()
+    if work not in done:
+        raise APIError(499, "the client closed the request")  # nginx's code; nobody is left to read it
+    try:
+        work.result()
     except EngineDead as exc:
         raise APIError(503, str(exc), "server_error") from None
+    except ValueError as exc:  # the engine refused a prompt
+        raise APIError(400, str(exc)) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (as Starlette's StreamingResponse listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
@@ -180,6 +207,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except EngineDead as exc:
             yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+        except ValueError as exc:  # the engine refused a prompt
+            yield f"data: {json.dumps(error_body(str(exc), 'invalid_request_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

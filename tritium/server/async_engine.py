@@ -18,7 +18,8 @@ from tritium.server.metrics import ServerMetrics
 
 @dataclass(frozen=True)
 class SeqUpdate:
-    """A sequence's progress since its last update: its whole text so far, its new tokens and their logprobs."""
+    """A sequence's progress since its last update: its whole text so far, its new tokens and their logprobs.
+    `index` is prompt index * n + sample index (OpenAI's choice index)."""
 
     index: int
     text: str
@@ -33,9 +34,12 @@ class EngineDead(RuntimeError):
 
 @dataclass
 class _Request:
+    """One prompt's engine request; the prompts of a batch share the loop and the updates queue."""
+
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue
     arrival: float
+    first_index: int  # prompt index * n
     seqs: list[Sequence] = field(default_factory=list)
     sent: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens already reported
     last_token_at: dict[int, float] = field(default_factory=dict)
@@ -56,25 +60,28 @@ class AsyncEngine:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+    async def generate(self, prompts: list[list[int]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[list[SeqUpdate]]:
-        """Queue a request (already checked with engine.check_request) and yield its sequences' updates, one list
-        per engine step, until all n have finished. Leaving early (a client gone) aborts the request."""
+        """Queue each prompt (already checked with engine.check_request) as an engine request, all or none (a
+        ValueError), and yield their sequences' updates, a list per engine step and prompt, until all have
+        finished. Leaving early (a client gone) aborts them."""
         if self._stopping:
             raise EngineDead("the server is shutting down")
-        req = _Request(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
-        self._send(("add", request_id, prompt_ids, params, req))
-        unfinished = params.n
+        loop, updates, now = asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter()
+        request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        reqs = [_Request(loop, updates, now, i * params.n) for i in range(len(prompts))]
+        self._send(("add", request_ids, prompts, params, reqs))
+        unfinished = params.n * len(prompts)
         try:
             while unfinished:
-                updates = await req.updates.get()
-                if isinstance(updates, Exception):
-                    raise updates
-                unfinished -= sum(u.finish_reason is not None for u in updates)
-                yield updates
+                step = await updates.get()
+                if isinstance(step, Exception):
+                    raise step
+                unfinished -= sum(u.finish_reason is not None for u in step)
+                yield step
         finally:
             if unfinished:
-                self._send(("abort", request_id))
+                self._send(("abort", request_ids))
 
     def shutdown(self) -> None:
         """Stop the loop; requests still queued or running are told with EngineDead."""
@@ -112,19 +119,31 @@ class AsyncEngine:
             if command[0] == "stop":
                 return False
             if command[0] == "add":
-                _, request_id, prompt_ids, params, req = command
-                try:
-                    req.seqs = self.engine.add_request(prompt_ids, params, request_id)
-                except ValueError as exc:
-                    req.loop.call_soon_threadsafe(req.updates.put_nowait, exc)
-                    continue
-                self._requests[request_id] = req
-                self.metrics.prompt_tokens.inc(len(prompt_ids))
+                self._add(*command[1:])
             else:
-                self.engine.abort(command[1])
-                if self._requests.pop(command[1], None) is not None:
-                    self.metrics.requests.labels("abort").inc()
+                for request_id in command[1]:
+                    self.engine.abort(request_id)
+                    if self._requests.pop(request_id, None) is not None:
+                        self.metrics.requests.labels("abort").inc()
             self._gauges()
+
+    def _add(self, request_ids: list[str], prompts: list[list[int]], params: SamplingParams,
+             reqs: list[_Request]) -> None:
+        """Add a batch's prompts to the engine; one it rejects takes the others back out, and the error (naming
+        the prompt in a batch) goes to the batch's queue."""
+        added = []
+        try:
+            for request_id, prompt_ids, req in zip(request_ids, prompts, reqs):
+                req.seqs = self.engine.add_request(prompt_ids, params, request_id)
+                added.append(request_id)
+        except ValueError as exc:
+            for request_id in added:
+                self.engine.abort(request_id)
+            error = ValueError(f"prompt {len(added)}: {exc}") if len(prompts) > 1 else exc
+            reqs[0].loop.call_soon_threadsafe(reqs[0].updates.put_nowait, error)
+            return
+        self._requests.update(zip(request_ids, reqs))
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
 
     def _publish(self) -> None:
         now = time.perf_counter()
@@ -140,8 +159,8 @@ class AsyncEngine:
                 req.sent[seq.seq_id] = len(seq.output_ids)
                 if seq.finish_reason is not None:
                     req.done.add(seq.seq_id)
-                updates.append(SeqUpdate(seq.index, seq.text, seq.output_ids[sent:], seq.logprobs[sent:],
-                                         seq.finish_reason))
+                updates.append(SeqUpdate(req.first_index + seq.index, seq.text, seq.output_ids[sent:],
+                                         seq.logprobs[sent:], seq.finish_reason))
             if updates:
                 req.loop.call_soon_threadsafe(req.updates.put_nowait, updates)
             if all(s.finish_reason is not None for s in req.seqs):

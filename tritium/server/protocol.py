@@ -1,15 +1,17 @@
 """The OpenAI wire format: pydantic models of the request bodies (strict types, ranges checked) and the error
 object. Sampling fields use the engine's names, which are OpenAI's and vLLM's."""
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from tritium.engine.sampling_params import SamplingParams
 
 MAX_N = 16  # samples per request: each one holds a sequence in the batch
 MAX_LOGPROBS = 20  # as OpenAI
 MAX_STOPS = 8
+MAX_PROMPTS = 256  # prompts in one completions request: each is a request in the engine, with n sequences
 
 
 class StreamOptions(BaseModel):
@@ -49,10 +51,35 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _prompt_form(prompt: object) -> str | None:
+    """Which of the four prompt forms a value claims to be (by its first item), so that a bad one is told what is
+    wrong in that form rather than in all four."""
+    if isinstance(prompt, str):
+        return "text"
+    if isinstance(prompt, list) and prompt:
+        return {str: "texts", int: "token_ids", list: "token_id_lists"}.get(type(prompt[0]))
+    return None
+
+
 class CompletionRequest(_Sampling):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    # One prompt or a batch (OpenAI's four forms); each prompt is its own request in the engine.
+    prompt: Annotated[
+        Annotated[Text, Tag("text")] | Annotated[TokenIds, Tag("token_ids")]
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("token_id_lists")],
+        Discriminator(_prompt_form, custom_error_type="prompt_form", custom_error_message=(
+            "must be a string, a list of strings, a list of token ids or a list of lists of token ids, not empty"))]
     max_tokens: Annotated[int, Field(ge=1)] = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def prompt_ids(self, encode: Callable[[str], list[int]]) -> list[list[int]]:
+        """Each prompt's token ids, in order; texts go through `encode`."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [encode(p) if isinstance(p, str) else p for p in ([self.prompt] if one else self.prompt)]
 
 
 class TextPart(BaseModel):
