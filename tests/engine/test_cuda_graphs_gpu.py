@@ -73,3 +73,28 @@ def test_padded_graph_decode_matches_eager_logprobs(engine):
         common = first.keys() & second.keys()
         assert len(common) >= 3
         assert max(abs(first[t] - second[t]) for t in common) < 0.1
+
+
+def test_decodes_launched_ahead_equal_step_by_step(engine, monkeypatch):
+    """Graph decodes launched before the previous tokens are read back give the tokens of steps run one by one."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128256, (int(n),), generator=g).tolist()
+               for n in torch.randint(20, 250, (6,), generator=g)]
+    params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
+              for n in torch.randint(8, 40, (6,), generator=g)]
+    taken = []
+    step = engine.runner.step
+    monkeypatch.setattr(engine.runner, "step", lambda batch, ahead=(): taken.append(
+        engine.runner.ahead is not None and engine.runner.ahead.serves(batch)) or step(batch, ahead))
+
+    def run() -> list[list[int]]:
+        seqs = [engine.add_request(p, sp, str(i))[0] for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        while engine.has_unfinished():
+            engine.step()
+        return [s.output_ids for s in seqs]
+
+    ahead = run()
+    assert sum(taken) > len(taken) // 2, taken  # most steps took the decode launched ahead
+    monkeypatch.setattr(engine, "_ahead", lambda batch: [])
+    assert run() == ahead
+    assert engine.blocks.num_free == engine.blocks.num_blocks

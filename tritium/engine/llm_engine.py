@@ -69,7 +69,7 @@ class LLMEngine:
         # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
         graphs = not enforce_eager and device.type == "cuda" and backend == "triton"
         self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend, graphs, max_num_seqs,
-                                  self.max_model_len)
+                                  self.max_model_len, max_num_batched_tokens)
         self.last_step = StepStats(0, 0, 0)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:

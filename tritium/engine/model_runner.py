@@ -1,12 +1,20 @@
 """Runs the model on one scheduled step: lays the batch out over the paged KV cache, then samples."""
 
+import os
+
 import torch
 
 from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
 from tritium.engine.sampler import Sampled, sample
 from tritium.engine.sequence import Sequence
+from tritium.engine.warm_up import TABLE_ALIGN, warm_up_attention
 from tritium.models.attention import AttentionMetadata
 from tritium.models.llama import LlamaForCausalLM
+
+# cuBLAS without a workspace picks matrix-vector kernels that need no split-K reduction launch: a single-stream 8B
+# decode step on an H100 took 6.19-6.30 ms instead of 6.37-6.51 (docs/benchmarks.md). cuBLAS reads this at the
+# process's first call; a value the user set wins.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
 
 
 class Launched:
@@ -40,7 +48,7 @@ class ModelRunner:
     position past what each sequence had cached, in a page the sequence owned, are never read."""
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str, cuda_graphs: bool,
-                 max_seqs: int, max_model_len: int) -> None:
+                 max_seqs: int, max_model_len: int, max_tokens: int) -> None:
         cfg = model.config
         self.model, self.block_size, self.backend = model, block_size, backend
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -49,6 +57,9 @@ class ModelRunner:
                           for _ in range(cfg.num_layers)]
         self.device = device
         self.generators: dict[int, torch.Generator] = {}
+        if backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
+            attn = model.model.layers[0].self_attn
+            warm_up_attention(self.kv_caches[0], attn.num_heads, attn.scale, attn.sliding_window, max_tokens, max_seqs)
         self.graphs = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // block_size), block_size)
@@ -112,7 +123,8 @@ class ModelRunner:
         """Hidden states of the batch's tokens: a captured graph for decodes, else the eager forward."""
         if self.graphs is not None and max_seqlen_q == 1 and self.graphs.bucket(len(used)) is not None:
             return self.graphs.forward(ids, positions, slots, used, tables)
-        table = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
+        width = -(-max(len(t) for t in tables) // TABLE_ALIGN) * TABLE_ALIGN
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
         fill_rows(table, tables)
         to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(

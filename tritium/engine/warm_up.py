@@ -1,0 +1,65 @@
+"""Compile, before the first request, every variant of the attention kernel that the engine's steps can launch, so
+that no request waits for Triton's compiler (a second or two per variant on an H100 the first time, then Triton's
+on-disk cache).
+
+A variant is fixed by the launch config's compile-time fields, and the config by the batch's problem class (query
+tokens per sequence, (sequence, KV head) programs), never by lengths. So a representative batch of each class the
+scheduler can build gives every config, and one one-token launch per distinct variant compiles it.
+"""
+
+import dataclasses
+
+import torch
+import triton
+from tqdm import tqdm
+
+from tritium.ops import AttentionConfig, unified_attention
+from tritium.ops.attention.configs import choose_config
+
+# Query tokens per sequence that reach every class: decode-q1/q2/q4/q8 (3 and 5 round up to 4 and 8), mixed
+# (9 to 256) and prefill (more).
+_TOKENS_PER_SEQ = (1, 2, 3, 4, 5, 8, 9, 257)
+# Eager steps pad block tables to this many columns, so that the table's row stride (a kernel argument Triton
+# specialises on: 1, a multiple of 16, or neither) is the same at every step.
+TABLE_ALIGN = 16
+
+
+def step_shapes(max_num_batched_tokens: int, max_num_seqs: int) -> list[tuple[int, int]]:
+    """(query tokens, sequences) of a batch in each problem class a step can fall in."""
+    seqs = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
+    return sorted({(n * s, s) for s in seqs for n in _TOKENS_PER_SEQ if n * s <= max_num_batched_tokens})
+
+
+def variant(config: AttentionConfig) -> AttentionConfig:
+    """The config with what Triton compiles in: num_splits is a runtime argument of both kernels, but whether it
+    exceeds 1 (attention) and its next power of two (the split merge) are compiled in."""
+    return dataclasses.replace(config, num_splits=triton.next_power_of_2(config.num_splits))
+
+
+def attention_variants(device: torch.device, max_num_batched_tokens: int, max_num_seqs: int, num_q_heads: int,
+                       num_kv_heads: int, head_dim: int, page_size: int) -> list[AttentionConfig]:
+    """The distinct kernel variants of the configs every step shape gets."""
+    found = {variant(choose_config(device, t, s, num_q_heads, num_kv_heads, head_dim, page_size)): None
+             for t, s in step_shapes(max_num_batched_tokens, max_num_seqs)}
+    return list(found)
+
+
+@torch.inference_mode()
+def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], num_q_heads: int, scale: float,
+                      sliding_window: int | None, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    """Launch each variant once on a one-token batch over the real cache (same strides and dtypes as the steps':
+    the same specialisations), writing nothing."""
+    k_cache, v_cache = kv_cache
+    _, page_size, num_kv_heads, head_dim = k_cache.shape
+    device = k_cache.device
+    configs = attention_variants(device, max_num_batched_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
+                                 page_size)
+    q = torch.randn(1, num_q_heads, head_dim, dtype=k_cache.dtype, device=device)
+    cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    seqused_k = torch.ones(1, dtype=torch.int32, device=device)
+    block_table = torch.zeros(1, TABLE_ALIGN, dtype=torch.int32, device=device)
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    for config in tqdm(configs, desc="compiling attention", unit="variant", leave=False):
+        unified_attention(q, k_cache, v_cache, torch.empty_like(q), cu_seqlens_q, 1, seqused_k, 1, scale, True,
+                          window, block_table, 0.0, None, None, None, config=config)
+    torch.cuda.synchronize(device)
