@@ -22,10 +22,11 @@ export PYTHONPATH="$PWD:/tmp/peers:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 what=$1; shift
 case $what in
   tests)
-    # The server tests hold no GPU test but import openai/schemathesis/uvicorn; leave them out where missing.
+    # The server tests hold no GPU test but import openai/schemathesis/uvicorn/pydantic; leave them out where missing.
     skip=()
-    python3 -c "import openai, schemathesis, uvicorn" 2> /dev/null || skip=(--ignore=tests/test_server.py
-      --ignore=tests/test_server_schema.py --ignore=tests/test_server_shutdown.py --ignore=tests/bench/test_serve_bench.py)
+    python3 -c "import openai, schemathesis, uvicorn, pydantic" 2> /dev/null || skip=(--ignore=tests/test_server.py
+      --ignore=tests/test_server_schema.py --ignore=tests/test_server_shutdown.py --ignore=tests/bench/test_serve_bench.py
+      --ignore=tests/engine/test_generation_defaults.py)
     python3 -m pytest -m gpu -q -p no:cacheprovider "${skip[@]}" "$@" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   bench) python3 -m tritium.cli bench kernels --out "$OUT" "$@" 2>&1 | grep -v "scenarios:" | tee -a "$OUT/bench.log" ;;
   throughput)
