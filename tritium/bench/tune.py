@@ -58,7 +58,7 @@ def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[Attenti
         block_m = max(16, 1 << (rows - 1).bit_length())
         for tile_k in (32, 64) if large else (32, 64, 128):
             for warps in (2, 4):
-                for stages in (2, 3, 4):
+                for stages in (1, 2, 3, 4):  # 1: no software pipeline, often best for short key ranges
                     found.append(AttentionConfig(block_m, tile_k, splits, warps, stages))
         return found
     # Large-query classes: 128-row tiles on 8 warps are the usual winners; a few smaller shapes check that.
