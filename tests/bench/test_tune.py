@@ -48,13 +48,50 @@ def test_compile_job_launches_every_config_on_every_member_and_skips_failures(mo
     monkeypatch.setattr(tune, "unified_attention", recording)
     job = tune.CompileJob(members, (fits, too_small, split), page_size=4, dtype=torch.float16, device="cpu")
     assert tune.compile_job(job) == 2  # block_m 16 is below the GQA group of 32: validate refuses it
-    assert launched == [(fits, 1), (fits, 2), (too_small, 1), (split, 1), (split, 2)]
+    # one-token launches, one per member: what compiles, not what is timed
+    assert launched == [(fits, 1), (fits, 1), (too_small, 1), (split, 1), (split, 1)]
+
+
+def _specialisation(args: tuple) -> list:
+    """What Triton's compiled variant of a launch depends on among its arguments: dtypes, trailing shapes and
+    strides of the tensors (the block table's row stride by class: 1, a multiple of 16, or neither), and the
+    values of the others but the runtime lengths (max_seqlen_q, max_seqlen_k)."""
+    out = []
+    for i, a in enumerate(args):
+        if i == 11:  # block_table
+            out.append((a.dtype, a.stride(0) == 1, a.stride(0) % 16 == 0))
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, tuple(a.shape[1:]), a.stride()[1:] if i in (4, 6) else a.stride()))
+        elif i not in (5, 7):
+            out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("seqs", [((1, 3),), ((1, 40), (1, 9)), ((5, 64),), ((70, 70), (1, 30)), ((2, 200),)])
+@pytest.mark.parametrize("window", [None, 8])
+def test_compile_args_specialise_as_the_scenario_does(page_size, seqs, window):
+    sc = Scenario("s", 8, 2, 32, seqs, sliding_window=window)
+    real = tune._runs([sc], page_size, torch.float16, "cpu")[0][2]
+    small = tune.compile_args(sc, page_size, torch.float16, "cpu")
+    assert small[0].shape[0] == 1
+    assert _specialisation(small) == _specialisation(real)
+
+
+def test_compile_args_cover_the_suite_without_its_memory():
+    """The suite's largest scenario (decode b32 at 32k context) compiles from a few kilobytes."""
+    for page_size in (16, 64):
+        for sc in load_scenarios():
+            args = tune.compile_args(sc, page_size, torch.bfloat16, "cpu")
+            assert sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)) < 2**20
+            width = max(-(-ctx // page_size) for _, ctx in sc.seqs)
+            assert (args[11].stride(0) % 16 == 0) == (width % 16 == 0)
 
 
 def test_precompile_runs_jobs_in_workers_and_a_failed_job_is_only_a_warning():
-    good = Scenario("one decode", 32, 1, 16, ((1, 20),))
-    bad = Scenario("query longer than its context", 4, 1, 16, ((5, 3),))  # random_paged_batch raises in the worker
-    jobs = [tune.CompileJob((sc,), (AttentionConfig(32, 16),), page_size=4, dtype=torch.float16, device="cpu")
-            for sc in (bad, good)]
-    with pytest.warns(UserWarning, match=r"^1 of 2 compile jobs failed \(the first: ValueError"):
+    sc = Scenario("one decode", 32, 1, 16, ((1, 20),))
+    # page size 0: building the job's launch raises in the worker (outside the per-config try)
+    jobs = [tune.CompileJob((sc,), (AttentionConfig(32, 16),), page_size=page, dtype=torch.float16, device="cpu")
+            for page in (0, 4)]
+    with pytest.warns(UserWarning, match=r"^1 of 2 compile jobs failed \(the first: ZeroDivisionError"):
         tune.precompile(jobs)  # "1 of 2": the good job ran in a spawned worker, so it and compile_job pickle

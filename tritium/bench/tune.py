@@ -35,12 +35,12 @@ from tritium.ops.attention.configs import (
 
 ERROR_BOUND = 2e-2  # bf16/fp16 output against the float32 reference
 CONFIGS_PER_JOB = 4  # small jobs keep every compiling worker busy to the end
-MAX_COMPILE_WORKERS = 16  # each holds a CUDA context and a copy of its class's batches on the one GPU
+MAX_COMPILE_WORKERS = 16  # each holds a CUDA context on the one GPU
 
 
 @dataclass(frozen=True)
 class CompileJob:
-    """Some of one class's candidates, and what a worker process needs to rebuild the class's batches."""
+    """Some of one class's candidates, and the scenarios whose kernel specialisations a worker compiles them for."""
 
     members: tuple[Scenario, ...]
     configs: tuple[AttentionConfig, ...]
@@ -128,8 +128,8 @@ def first_candidates(cls: str, members: list[Scenario], device: torch.device) ->
 def compile_jobs(
     classes: dict[str, list[Scenario]], page_size: int, dtype: torch.dtype, device: torch.device,
 ) -> list[CompileJob]:
-    """Every class's first candidates in jobs of CONFIGS_PER_JOB, ordered chunk by chunk across the classes so
-    that few workers build copies of the same (possibly multi-GB) batches at once."""
+    """Every class's first candidates in jobs of CONFIGS_PER_JOB, ordered chunk by chunk across the classes, so
+    that every class has its first configs compiled early."""
     ranked = []
     for cls, members in classes.items():
         configs = first_candidates(cls, members, device)
@@ -168,20 +168,37 @@ def precompile(jobs: list[CompileJob]) -> None:
 
 
 def compile_job(job: CompileJob) -> int:
-    """Launch each config of the job once on the class's batches, built as tune builds them (same dtypes, strides
-    and divisibility, so the same kernel specialisations); returns how many configs launched."""
-    runs = _runs(list(job.members), job.page_size, job.dtype, job.device)
+    """Launch each config of the job once per member scenario, on a one-token batch that compiles the scenario's
+    kernel specialisation (`compile_args`); returns how many configs launched."""
+    launches = [compile_args(sc, job.page_size, job.dtype, job.device) for sc in job.members]
     launched = 0
     for config in job.configs:
         try:
-            for _, _, args in runs:
+            for args in launches:
                 unified_attention(*args, config=config)
         except Exception:  # does not fit this device: not a candidate here, as _time decides too
             continue
         launched += 1
-    del runs
-    torch.cuda.empty_cache()  # this worker's next job may be another class
     return launched
+
+
+def compile_args(sc: Scenario, page_size: int, dtype: torch.dtype, device: str | torch.device) -> tuple:
+    """`unified_attention`'s arguments for one query token that Triton specialises as it does the scenario's own
+    launch: the same heads, head size, page size, dtype and window, and a block table whose row stride is, like
+    the scenario's, 1, a multiple of 16 or neither. Compiling then needs no full-size batch (decode b32 at 32k
+    context is 4.3 GB, and up to 16 workers compile at once)."""
+    width = max(-(-ctx // page_size) for _, ctx in sc.seqs)
+    batch = random_paged_batch([(1, 1)], sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size, dtype=dtype,
+                               device=device)
+    table = torch.zeros(1, _same_specialisation(width), dtype=torch.int32, device=batch.q.device)
+    table[0, 0] = batch.block_table[0, 0]  # the one page that holds a key
+    batch.block_table = table
+    return batch.kernel_args(torch.empty_like(batch.q), window_size=sc.window_size)
+
+
+def _same_specialisation(stride: int) -> int:
+    """A small integer that Triton specialises as it does `stride`: equal to 1, divisible by 16, or neither."""
+    return stride if stride < 32 else 16 if stride % 16 == 0 else 17
 
 
 def _store(path: Path, key: str, winners: dict[str, dict]) -> None:
@@ -209,7 +226,7 @@ def _geomean(values: list[float]) -> float:
 def _runs(
     members: list[Scenario], page_size: int, dtype: torch.dtype, device: str | torch.device,
 ) -> list[tuple[PagedBatch, Scenario, tuple]]:
-    """Each scenario's batch, with the arguments of every launch on it (the timed ones and the compiling ones)."""
+    """Each scenario's batch, with the arguments of the timed launches on it."""
     runs = []
     for sc in members:
         batch = random_paged_batch(list(sc.seqs), sc.num_q_heads, sc.num_kv_heads, sc.head_size, page_size,
