@@ -1,6 +1,8 @@
 """`tritium tune`'s parts that run without a GPU (tritium/bench/tune.py): the precompile jobs, the worker that
 compiles them, and the pool's failure being only a warning."""
 
+import math
+
 import pytest
 import torch
 
@@ -95,3 +97,16 @@ def test_precompile_runs_jobs_in_workers_and_a_failed_job_is_only_a_warning():
             for page in (0, 4)]
     with pytest.warns(UserWarning, match=r"^1 of 2 compile jobs failed \(the first: ZeroDivisionError"):
         tune.precompile(jobs)  # "1 of 2": the good job ran in a spawned worker, so it and compile_job pickle
+
+
+def test_search_ranks_by_geomean_relative_time_and_keeps_the_best_few(monkeypatch):
+    a, b, c, d = (AttentionConfig(16, t) for t in (16, 32, 64, 128))
+    # ms per config on two runs; d fails (inf) on the second; b is best on geomean though a is faster on run 0
+    table = {a: (1.0, 4.0), b: (1.2, 2.0), c: (2.0, 2.1), d: (0.5, math.inf)}
+    current = []
+    monkeypatch.setattr(tune, "unified_attention", lambda *args, config: current.append(config))
+    monkeypatch.setattr(tune, "_time", lambda fn: (fn(), table[current[-1]][len(current) % 2 == 0])[1])
+    runs = [(None, None, ()), (None, None, ())]
+    top, best_ms = tune._search(runs, [a, b, c, d], keep=3)
+    assert top == [b, a, c] and best_ms == [1.2, 2.0]  # geomeans vs (0.5, 2.0): 1.55, 2.0, 2.05
+    assert tune._search(runs, [a, b, c, d])[0] == [b]
