@@ -133,8 +133,9 @@ def run_throughput_bench(
 
 
 def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
-    """Compile, outside the timed region, the kernels the run will meet: prefills, mixed steps, and decode steps
-    at every power-of-two batch size up to the run's (each size class may have its own attention config)."""
+    """Run, outside the timed region, the step shapes the run will meet: prefills, mixed steps, and decode steps at
+    every power-of-two batch size up to the run's, so that cuBLAS's first calls on each shape and the allocator's
+    growth are not timed (the engine compiled its attention kernels at start)."""
     size = 1
     while True:
         for i in range(size):
