@@ -5,7 +5,6 @@ import os
 import torch
 
 from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
-from tritium.engine.host_copy import to_device
 from tritium.engine.sampler import Sampled, sample
 from tritium.engine.sequence import Sequence
 from tritium.engine.warm_up import TABLE_ALIGN, warm_up_attention
@@ -105,7 +104,7 @@ class ModelRunner:
         tokens = launched.sampled.tokens
         if len(seqs) != len(launched.seqs):
             row = {s.seq_id: i for i, s in enumerate(launched.seqs)}
-            tokens = tokens[to_device([row[s.seq_id] for s in seqs], torch.long, tokens.device)]
+            tokens = tokens[torch.tensor([row[s.seq_id] for s in seqs], device=tokens.device)]
         positions = [len(s) for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
         used = [p + 1 for p in positions]
@@ -127,9 +126,9 @@ class ModelRunner:
         width = -(-max(len(t) for t in tables) // TABLE_ALIGN) * TABLE_ALIGN
         table = torch.zeros(len(tables), width, dtype=torch.int32)
         fill_rows(table, tables)
-        to = lambda x, dtype: to_device(x, dtype, self.device)  # noqa: E731
+        to = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=to(table, torch.int32),
+            cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
             slot_mapping=to(slots, torch.int64), max_seqlen_q=max_seqlen_q, max_seqlen_k=max(used),
             backend=self.backend)
         ids = ids if isinstance(ids, torch.Tensor) else to(ids, torch.long)

@@ -3,7 +3,6 @@ filters; and the logprobs a request asks for (of the raw logits, before temperat
 
 import torch
 
-from tritium.engine.host_copy import to_device
 from tritium.engine.sampling_params import SamplingParams
 
 
@@ -78,7 +77,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
 def _put(out: torch.Tensor, rows: list[int], draw, logits: torch.Tensor, params: list[SamplingParams],
          generators: list[torch.Generator | None]) -> None:
     """out[rows] = draw(the rows' logits, params, generators)."""
-    index = to_device(rows, torch.long, logits.device)
+    index = torch.tensor(rows, device=logits.device)
     out[index] = draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
 
 
@@ -93,7 +92,7 @@ def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     temperatures = {p.temperature for p in params}
     if len(temperatures) == 1:  # the usual batch: one scalar, no host-to-device copy
         return logits / temperatures.pop()
-    return logits / to_device([p.temperature for p in params], logits.dtype, logits.device)[:, None]
+    return logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
 
 
 def _noise(like: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -113,7 +112,7 @@ def _race(weights: torch.Tensor, generators: list[torch.Generator | None], keep:
 
 def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                      ) -> torch.Tensor:
-    column = lambda values: to_device(values, logits.dtype, logits.device)[:, None]  # noqa: E731
+    column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
     vocab = logits.shape[-1]
     # Filters in rank order, each on what the previous left: top-k, then min-p, then top-p of the remaining mass.
     probs, order = torch.softmax(_scaled(logits, params), dim=-1).sort(dim=-1, descending=True, stable=True)
