@@ -4,6 +4,8 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from tritium.ops.attention import window_size
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -19,7 +21,7 @@ class Scenario:
     @property
     def window_size(self) -> tuple[int, int]:
         """FlashAttention's (left, right): a window of W keys is (W - 1, 0)."""
-        return (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
+        return window_size(self.sliding_window)
 
     @property
     def is_decode(self) -> bool:

@@ -13,8 +13,7 @@ import torch
 import triton
 from tqdm import tqdm
 
-from tritium.ops import AttentionConfig, unified_attention
-from tritium.ops.attention.configs import choose_config
+from tritium.ops.attention import AttentionConfig, choose_config, unified_attention, window_size
 
 # Query tokens per sequence that reach every class: decode-q1/q2/q4/q8 (3 and 5 round up to 4 and 8), mixed
 # (9 to 256) and prefill (more).
@@ -58,7 +57,7 @@ def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], num_q_heads: 
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
     seqused_k = torch.ones(1, dtype=torch.int32, device=device)
     block_table = torch.zeros(1, TABLE_ALIGN, dtype=torch.int32, device=device)
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    window = window_size(sliding_window)
     for config in tqdm(configs, desc="compiling attention", unit="variant", leave=False):
         unified_attention(q, k_cache, v_cache, torch.empty_like(q), cu_seqlens_q, 1, seqused_k, 1, scale, True,
                           window, block_table, 0.0, None, None, None, config=config)

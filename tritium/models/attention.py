@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tritium.ops import rotary_and_cache, unified_attention
+from tritium.ops.attention import window_size
 from tritium.ops.attention.reference import attention_reference
 
 BACKENDS = ("triton", "reference")
@@ -35,7 +36,7 @@ def paged_attention(
     """q [tokens, q_heads, d], k/v [tokens, kv_heads, d], not yet rotated -> [tokens, q_heads, d], causal.
     q is rotated in place; rotated k and v go into the caches, from which both backends read every key."""
     rotary_and_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    window = window_size(sliding_window)
     if meta.backend == "triton":
         out = torch.empty_like(q)
         return unified_attention(q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k,

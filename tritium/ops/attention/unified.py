@@ -10,6 +10,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+def window_size(sliding_window: int | None) -> tuple[int, int]:
+    """FlashAttention's (left, right) for a sliding window of W keys, (W - 1, 0), or (-1, -1) for none."""
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+
+
 def unified_attention(
     q: torch.Tensor,
     k: torch.Tensor,
