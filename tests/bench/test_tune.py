@@ -2,6 +2,7 @@
 compiles them, and the pool's failure being only a warning."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,6 +35,18 @@ def test_compile_jobs_cover_each_class_first_candidates_once_in_chunks():
                                                         for c, m in classes.items())
     # chunk by chunk across the classes: the first jobs are one of each class
     assert [job.members for job in jobs[:len(classes)]] == [tuple(m) for m in classes.values()]
+
+
+@pytest.mark.parametrize("page", [16, 64, 128])
+def test_descriptor_candidates_only_where_a_tile_fits_a_page(page):
+    plain = tune.candidates(f"prefill-g4-d128-pg{page}", 4, 128, 1)
+    with_tma = tune.candidates(f"prefill-g4-d128-pg{page}", 4, 128, 1, tma=True)
+    assert all(c.tma == 0 for c in plain)
+    assert [c for c in with_tma if c.tma == 0] == plain
+    assert [replace(c, tma=0) for c in with_tma if c.tma] == [c for c in plain if page % c.tile_k == 0]
+    assert any(c.tma for c in with_tma) == (page >= 32)
+    decode = tune.candidates(f"decode-q1-p128-g4-d128-pg{page}", 4, 128, 3, tma=True)
+    assert decode == tune.candidates(f"decode-q1-p128-g4-d128-pg{page}", 4, 128, 3)  # pointer loads only
 
 
 def test_compile_job_launches_every_config_on_every_member_and_skips_failures(monkeypatch):

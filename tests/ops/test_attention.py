@@ -125,6 +125,67 @@ def test_page_vs_tile(page, tile_k, block_m, lookahead, gen):
     attend_and_check(batch, gen=gen, config=AttentionConfig(block_m, tile_k, page_lookahead=lookahead))
 
 
+# --- K/V through tensor descriptors (config.tma) ---
+
+
+@pytest.fixture
+def descriptors(monkeypatch):
+    """The tensor descriptors launches build: (block shape) per K/V descriptor."""
+    built = []
+
+    class Recorded(kernel.TensorDescriptor):
+        def __init__(self, base, shape, strides, block_shape, *args, **kwargs):
+            built.append(tuple(block_shape))
+            super().__init__(base, shape, strides, block_shape, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "TensorDescriptor", Recorded)
+    return built
+
+
+@pytest.mark.parametrize(("page", "tile_k", "block_m", "splits", "lookahead"), [
+    (16, 16, 16, 1, 0), (32, 16, 32, 1, 1), (32, 32, 16, 3, 0), (64, 32, 64, 1, 1), (64, 64, 16, 2, 1),
+    (128, 64, 128, 1, 1),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_tiles(page, tile_k, block_m, splits, lookahead, dtype, gen, descriptors):
+    """Tiles fetched through descriptors: contexts end mid-tile and mid-page (the rest of the page is NaN),
+    stale block-table entries point at NaN pages, splits and the lookahead as with pointer loads."""
+    seqs = [(1, 67), (4, 131), (0, 3), (19, 19), (9, 41), (1, 1), (40, 200)]
+    batch = batch_of(seqs, gen, page=page, dtype=dtype)
+    config = AttentionConfig(block_m, tile_k, splits, page_lookahead=lookahead, tma=1)
+    attend_and_check(batch, gen=gen, config=config)
+    assert descriptors == [(tile_k, 32), (tile_k, 32)], "the launch did not take the descriptor path"
+
+
+@pytest.mark.parametrize("name", ["causal_all", "noncausal_all", "window_left_right0", "sinks"])
+def test_tma_features(name, gen, descriptors):
+    batch = batch_of([(1, 40), (0, 7), (5, 37), (12, 12), (9, 61), (1, 1), (3, 48), (2, 25)], gen, page=32)
+    attend_and_check(batch, FEATURES[name], gen=gen, config=AttentionConfig(32, 16, tma=1))
+    assert len(descriptors) == 2
+
+
+@pytest.mark.parametrize("case", ["tile_spans_pages", "head_size_80", "fp8_cache", "strided_cache"])
+def test_tma_falls_back_to_pointer_loads(case, gen, descriptors):
+    """Where a descriptor cannot fetch the tile, tma=1 takes the pointer loads, with the same answer."""
+    hq, hkv, d, page, kv_dtype, dtype = 4, 2, 32, 16, None, torch.float32
+    if case == "head_size_80":
+        d = 80
+    if case == "fp8_cache":
+        kv_dtype, dtype = FP8, torch.float16
+    batch = batch_of(MIXED, gen, hq=hq, hkv=hkv, d=d, page=page, dtype=dtype, kv_dtype=kv_dtype)
+    if case == "strided_cache":  # K and V as halves of one [blocks, page, 2, heads, d] buffer
+        kv = torch.stack([batch.k_cache, batch.v_cache], dim=2)
+        batch = type(batch)(**{**batch.__dict__, "k_cache": kv[:, :, 0], "v_cache": kv[:, :, 1]})
+    tile_k = 32 if case == "tile_spans_pages" else 16
+    attend_and_check(batch, gen=gen, config=AttentionConfig(16, tile_k, tma=1))
+    assert descriptors == []
+
+
+def test_tma_off_uses_pointer_loads(gen, descriptors):
+    attend_and_check(batch_of(MIXED, gen, page=32), gen=gen, config=AttentionConfig(16, 16, tma=0))
+    assert descriptors == []
+
+
 # --- features, alone and together ---
 
 FEATURES = {

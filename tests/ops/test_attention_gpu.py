@@ -28,6 +28,8 @@ from tests.ops.helpers import (
 )
 from tritium.bench.batches import random_paged_batch
 from tritium.ops import AttentionConfig, unified_attention, write_kv_cache
+from tritium.ops.attention import kernel
+from tritium.ops.attention.configs import has_tma
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -217,6 +219,30 @@ def test_forced_configs(config):
     run(batch, config=config, features=Features(sinks=True, window=(400, -1)))
 
 
+# --- K/V through tensor descriptors (config.tma) ---
+
+
+@pytest.mark.parametrize(("page", "config", "dtype"), [
+    (64, AttentionConfig(64, 64, num_stages=3, page_lookahead=1, tma=1), BF16),
+    (64, AttentionConfig(128, 64, num_warps=8, num_stages=3, page_lookahead=1, tma=1), FP16),
+    (128, AttentionConfig(128, 128, num_warps=8, num_stages=3, page_lookahead=1, tma=1), BF16),
+    (64, AttentionConfig(16, 64, num_splits=4, num_stages=3, tma=1), BF16),
+    (32, AttentionConfig(32, 32, num_splits=2, tma=1), FP16),
+], ids=["p64_m64", "p64_m128_fp16", "p128_m128", "p64_decode_split4", "p32_m32_split2"])
+@pytest.mark.parametrize("features", [PLAIN, Features(sinks=True, window=(400, -1)), Features(causal=False, alibi=True,
+                                                                                              softcap=20.0)],
+                         ids=["plain", "window_sinks", "noncausal_alibi_softcap"])
+def test_tma_configs(page, config, dtype, features, monkeypatch):
+    """Tiles fetched by the tensor-memory accelerator: contexts end mid-page (the rest of the page is NaN) and
+    mid-tile, stale block-table entries point at NaN pages; every kind of sequence in one batch."""
+    built = []
+    real = kernel.TensorDescriptor
+    monkeypatch.setattr(kernel, "TensorDescriptor", lambda *a, **k: built.append(a[3]) or real(*a, **k))
+    batch = make(MIXED + [(1000, 3100), (64, 64)], page=page, dtype=dtype, pad=5)
+    run(batch, config=config, features=features)
+    assert len(built) == (2 if has_tma(batch.q.device) else 0)
+
+
 # --- float32 ---
 
 
@@ -249,14 +275,15 @@ def _mixed_rounds(num_tokens, num_seqs):
     ]
 
 
-@pytest.mark.parametrize(("kind", "config"), [
-    ("decode", None),
-    ("decode", AttentionConfig(16, 64, num_splits=4)),
-    ("mixed", None),
-], ids=["decode_default", "decode_split4", "mixed_default"])
-def test_cuda_graph_replay(kind, config):
+@pytest.mark.parametrize(("kind", "config", "page"), [
+    ("decode", None, 16),
+    ("decode", AttentionConfig(16, 64, num_splits=4), 16),
+    ("mixed", None, 16),
+    ("mixed", AttentionConfig(64, 64, num_stages=3, page_lookahead=1, tma=1), 64),
+], ids=["decode_default", "decode_split4", "mixed_default", "mixed_tma_page64"])
+def test_cuda_graph_replay(kind, config, page):
     num_tokens, num_seqs = (64, 32) if kind == "decode" else (600, 10)
-    hq, hkv, d, page = 16, 2, 128, 16
+    hq, hkv, d = 16, 2, 128
     rounds = (_decode_rounds if kind == "decode" else _mixed_rounds)(num_tokens, num_seqs)
     batches = []
     for i, seqs in enumerate(rounds):

@@ -28,6 +28,7 @@ from tritium.ops.attention import AttentionConfig, unified_attention
 from tritium.ops.attention.configs import (
     default_config,
     device_key,
+    has_tma,
     multiprocessor_count,
     problem_class,
     user_cache_path,
@@ -53,8 +54,9 @@ class CompileJob:
     device: str
 
 
-def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[AttentionConfig]:
-    """The tile shapes, warps and pipeline depths worth timing for one problem class (splits held fixed)."""
+def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = False) -> list[AttentionConfig]:
+    """The tile shapes, warps and pipeline depths worth timing for one problem class (splits held fixed); with
+    `tma` (the device has it), large-query shapes whose tile fits the class's page also with tensor descriptors."""
     large = head_dim > 128
     found = []
     if cls.startswith("decode-"):  # block-table lookahead is tried on the best few only (see tune)
@@ -70,8 +72,10 @@ def candidates(cls: str, group: int, head_dim: int, splits: int) -> list[Attenti
               (128, 8, 32, 3), (64, 4, 64, 2), (64, 4, 64, 3), (64, 4, 128, 2), (128, 4, 64, 2), (128, 4, 64, 3)]
     if large:
         shapes = [(64, 4, 32, 2), (64, 4, 64, 2), (64, 8, 64, 2), (128, 8, 32, 2), (128, 8, 64, 2)]
-    return [AttentionConfig(block_m, tile_k, 1, warps, stages, lookahead)
-            for block_m, warps, tile_k, stages in shapes if block_m >= group for lookahead in (0, 1)]
+    page_size = int(cls.rsplit("-pg", 1)[1])
+    return [AttentionConfig(block_m, tile_k, 1, warps, stages, lookahead, descriptors)
+            for block_m, warps, tile_k, stages in shapes if block_m >= group for lookahead in (0, 1)
+            for descriptors in ((0, 1) if tma and page_size % tile_k == 0 else (0,))]
 
 
 def tune(
@@ -127,7 +131,8 @@ def first_candidates(cls: str, members: list[Scenario], device: torch.device) ->
     """The candidates the search times first for a class: what is precompiled, and what decode classes'
     lookahead and split searches then vary."""
     sc0 = members[0]
-    return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, _default(sc0, device).num_splits)
+    return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, _default(sc0, device).num_splits,
+                      has_tma(device))
 
 
 def compile_jobs(

@@ -32,6 +32,9 @@ class AttentionConfig:
     num_splits: programs that share one query tile's keys (1: no split and no merge launch).
     page_lookahead: 1 reads each key tile's block-table entries one step early, which lets the compiler
         pipeline the K/V loads one stage deeper (faster for large query tiles), 0 reads them in the step.
+    tma: 1 fetches K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) wherever the launch
+        allows it (`kernel.tma_applies`: a tile within one page, among others), pointer loads elsewhere; 0
+        always uses pointer loads.
     """
 
     block_m: int
@@ -40,6 +43,7 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     page_lookahead: int = 0
+    tma: int = 0
 
     def validate(self, group: int) -> None:
         for name in ("block_m", "tile_k"):
@@ -51,8 +55,14 @@ class AttentionConfig:
                              "per KV head)")
         if not 1 <= self.num_splits <= 256:
             raise ValueError(f"config.num_splits must be in [1, 256], got {self.num_splits}")
-        if self.page_lookahead not in (0, 1):
-            raise ValueError(f"config.page_lookahead must be 0 or 1, got {self.page_lookahead}")
+        for name in ("page_lookahead", "tma"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"config.{name} must be 0 or 1, got {getattr(self, name)}")
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether the device has a tensor-memory accelerator for tensor descriptors: NVIDIA compute capability 9+."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -92,7 +102,7 @@ def default_config(
     block_m = max(64 if large_head else 128, triton.next_power_of_2(group))
     return AttentionConfig(block_m=block_m, tile_k=64 if not large_head else 32, num_splits=1,
                            num_warps=8 if block_m >= 128 else 4, num_stages=3 if not large_head else 2,
-                           page_lookahead=0 if large_head else 1)
+                           page_lookahead=0 if large_head else 1, tma=int(has_tma(device)))
 
 
 def problem_class(

@@ -15,6 +15,11 @@ The keys a tile needs are cut into three runs of TILE_K-wide tiles: a masked run
 (sliding window), an unmasked middle, and a masked run at the upper edge (causal diagonal, window's
 right edge, end of context). Only the edge runs pay for masks.
 
+K/V tiles come through pointer loads, or, where a tile lies within one page and the device has Hopper's
+tensor-memory accelerator, through tensor descriptors over the cache viewed as [blocks * page, KV heads *
+head size] (config.tma): the copy engine then fetches the tile straight into shared memory, with no address
+arithmetic in the loop. A page of 16 keys cannot feed a 64-key tile that way: Hopper has no gather.
+
 Scores are kept in log2 units: the softmax scale (times the fp8 K scale) and log2(e) are folded into one
 multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
 """
@@ -22,10 +27,12 @@ multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from tritium.ops.attention.configs import AttentionConfig
+from tritium.ops.attention.configs import AttentionConfig, has_tma
 
 LOG2E = tl.constexpr(1.4426950408889634)
+SEQ_CHUNK = 64  # cu_seqlens_q entries per load when a program looks for its sequence
 
 
 @triton.jit
@@ -46,7 +53,7 @@ def _tile_pages(block_table_row_ptr, tile_start, offs_t, context_len, PAGE_SIZE:
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q,
-    k_cache_ptr, v_cache_ptr, block_table_row_ptr,
+    k_cache_ptr, v_cache_ptr, block_table_row_ptr, k_desc, v_desc, kv_column,
     key_start, key_end, context_len,
     query_pos, alibi_slope,
     qk_scale, softcap, window_left, window_right,
@@ -55,7 +62,7 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold keys [key_start, key_end) (a whole number of TILE_K tiles) into the running softmax state."""
     offs_t = tl.arange(0, TILE_K)
@@ -81,7 +88,13 @@ def _attend_tiles(
         # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
         k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
         v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
-        if MASKED:
+        if USE_TMA:  # the tile's rows of the [blocks * page, heads * dim] view: within one page, so contiguous
+            row = page * PAGE_SIZE + tile_start % PAGE_SIZE
+            k = k_desc.load([row, kv_column]).T
+            v = v_desc.load([row, kv_column])
+            if MASKED:  # rows past the context hold whatever the page held (NaN, say); 0 * NaN would poison P @ V
+                v = tl.where(in_context[:, None], v, 0.0)
+        elif MASKED:
             if HEAD_DIM == HEAD_DIM_PAD:
                 k = tl.load(k_ptrs, mask=in_context[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=in_context[:, None], other=0.0)
@@ -128,7 +141,7 @@ def _attend_tiles(
 # Lengths and counts vary from batch to batch: specialising on them (== 1, % 16) would only multiply compiles.
 @triton.jit(do_not_specialize=["softcap", "window_left", "window_right", "num_seqs", "num_tokens", "num_splits"])
 def unified_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, out_ptr, lse_ptr,
     partial_out_ptr, partial_lse_ptr,
     cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
     alibi_slopes_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
@@ -143,22 +156,22 @@ def unified_attention_kernel(
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr,
+    USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr,
 ):
     tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which sequence owns this tile slot: the last i with cu_seqlens_q[i] // TOKENS_PER_TILE + i <= slot.
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_seqlens_q_ptr + mid) // TOKENS_PER_TILE + mid <= tile_slot:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
+    # Which sequence owns this tile slot: the last i with cu_seqlens_q[i] // TOKENS_PER_TILE + i <= slot, i.e.
+    # the count of such i, less one (the left side grows with i). Counted SEQ_CHUNK entries per vector load:
+    # one memory round trip per chunk, where a binary search waits through one per step before the first key.
+    seq = -1
+    for chunk_start in range(0, num_seqs, SEQ_CHUNK):
+        idx = chunk_start + tl.arange(0, SEQ_CHUNK)
+        in_batch = idx < num_seqs
+        first_slot = tl.load(cu_seqlens_q_ptr + idx, mask=in_batch, other=0) // TOKENS_PER_TILE + idx
+        seq += tl.sum((in_batch & (first_slot <= tile_slot)).to(tl.int32), 0)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     num_seq_tiles = (q_len + TOKENS_PER_TILE - 1) // TOKENS_PER_TILE
@@ -238,27 +251,28 @@ def unified_attention_kernel(
     block_table_row_ptr = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
     k_head_ptr = k_cache_ptr + kv_head * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head * stride_v_head
+    kv_column = kv_head * HEAD_DIM
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, k_desc, v_desc, kv_column,
         key_lo, unmasked_lo, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
         HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
-        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True, USE_TMA)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, k_desc, v_desc, kv_column,
         unmasked_lo, unmasked_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
         HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
-        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False)
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, False, USE_TMA)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr,
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, k_desc, v_desc, kv_column,
         unmasked_hi, key_hi, context_len, query_pos, alibi_slope,
         qk_scale, softcap, window_left, window_right,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, offs_d,
         HEAD_DIM, HEAD_DIM_PAD, TILE_K, PAGE_SIZE, TILE_IN_PAGE, PAGE_LOOKAHEAD, DOT_PRECISION,
-        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True)
+        CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, True, USE_TMA)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -308,6 +322,19 @@ def merge_splits_kernel(
         tl.store(lse_ptr + head * stride_lse_head + token, (m + tl.log2(total)) / LOG2E)
 
 
+def tma_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tile_k: int) -> bool:
+    """Whether tensor descriptors can fetch this launch's K/V tiles: the device has a tensor-memory accelerator
+    (CUDA compute capability 9 or later; Triton's interpreter emulates one), a tile lies within one page, K/V
+    are contiguous caches in q's dtype with a power-of-two head size (the descriptor's zero fill would
+    otherwise read the next head) and row coordinates fit the descriptor's int32."""
+    if not (has_tma(q.device) or q.device.type == "cpu"):
+        return False
+    num_blocks, page_size, num_kv_heads, head_dim = k_cache.shape
+    return (page_size % tile_k == 0 and head_dim & (head_dim - 1) == 0 and k_cache.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0 and num_blocks * page_size < 2**31)
+
+
 def launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
@@ -328,9 +355,14 @@ def launch(
         partial_out = torch.empty(splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     unused = q  # pointer for switched-off features
+    k_desc = v_desc = None
+    if config.tma and tma_applies(q, k_cache, v_cache, config.tile_k):
+        view_shape, view_strides = [k_cache.shape[0] * page_size, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
+        k_desc = TensorDescriptor(k_cache, view_shape, view_strides, [config.tile_k, head_dim])
+        v_desc = TensorDescriptor(v_cache, view_shape, view_strides, [config.tile_k, head_dim])
     grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
     unified_attention_kernel[grid](
-        q, k_cache, v_cache, out, unused if lse is None else lse,
+        q, k_cache, v_cache, k_desc, v_desc, out, unused if lse is None else lse,
         partial_out, partial_lse,
         cu_seqlens_q, seqused_k, block_table,
         unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
@@ -348,7 +380,7 @@ def launch(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
-        WRITE_LSE=lse is not None,
+        WRITE_LSE=lse is not None, USE_TMA=k_desc is not None, SEQ_CHUNK=SEQ_CHUNK,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
