@@ -222,7 +222,7 @@ def test_user_cache_overlays_the_shipped_table(cache_dir, monkeypatch):
     assert configs.lookup_tuned(CPU, "decode-q1-p128-g4-d128-pg16") == AttentionConfig(16, 32, 7, 8, 3)
     # Classes the user did not tune still come from the shipped table.
     assert configs.lookup_tuned(CPU, "decode-q1-p128-g4-d128-pg64") == AttentionConfig(16, 64, 3, 4, 2)
-    assert configs.lookup_tuned(CPU, "prefill-g4-d64-pg64") == AttentionConfig(128, 64, 1, 8, 4, page_lookahead=1)
+    assert configs.lookup_tuned(CPU, "prefill-g4-d64-pg64") == AttentionConfig(64, 64, 1, 4, 2, tma=1)
 
 
 def test_cache_entries_may_leave_out_defaulted_fields(cache_dir):

@@ -32,7 +32,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tritium.ops.attention.configs import AttentionConfig, has_tma
 
 LOG2E = tl.constexpr(1.4426950408889634)
-SEQ_CHUNK = 64  # cu_seqlens_q entries per load when a program looks for its sequence
 
 
 @triton.jit
@@ -157,21 +156,21 @@ def unified_attention_kernel(
     TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-    SEQ_CHUNK: tl.constexpr,
 ):
     tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which sequence owns this tile slot: the last i with cu_seqlens_q[i] // TOKENS_PER_TILE + i <= slot, i.e.
-    # the count of such i, less one (the left side grows with i). Counted SEQ_CHUNK entries per vector load:
-    # one memory round trip per chunk, where a binary search waits through one per step before the first key.
-    seq = -1
-    for chunk_start in range(0, num_seqs, SEQ_CHUNK):
-        idx = chunk_start + tl.arange(0, SEQ_CHUNK)
-        in_batch = idx < num_seqs
-        first_slot = tl.load(cu_seqlens_q_ptr + idx, mask=in_batch, other=0) // TOKENS_PER_TILE + idx
-        seq += tl.sum((in_batch & (first_slot <= tile_slot)).to(tl.int32), 0)
+    # Which sequence owns this tile slot: the last i with cu_seqlens_q[i] // TOKENS_PER_TILE + i <= slot.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_q_ptr + mid) // TOKENS_PER_TILE + mid <= tile_slot:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     num_seq_tiles = (q_len + TOKENS_PER_TILE - 1) // TOKENS_PER_TILE
@@ -380,7 +379,7 @@ def launch(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
-        WRITE_LSE=lse is not None, USE_TMA=k_desc is not None, SEQ_CHUNK=SEQ_CHUNK,
+        WRITE_LSE=lse is not None, USE_TMA=k_desc is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
