@@ -6,7 +6,7 @@ import torch
 
 from tests.models.test_llama import save_family
 from tritium.bench.hf_peer import hf_state_dict
-from tritium.bench.throughput import Workload, _warm_up
+from tritium.bench.throughput import Workload, _warm_up, result_name
 from tritium.cli import main
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
@@ -115,3 +115,13 @@ def test_bench_throughput_needs_a_gpu(capsys):
         main(["bench", "throughput", "--model-config", "qwen3-0.6b"])
     assert exit_info.value.code == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("single", "options", "mode"), [
+    (False, {}, "batch"), (True, {"block_size": 16}, "single"), (False, {"enforce_eager": True}, "batch-eager"),
+    (True, {"block_size": 64, "enforce_eager": False}, "single-page64"),
+])
+def test_result_names_tell_modes_apart(single, options, mode):
+    env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-27 12:00 UTC", "commit": "abc1234"}
+    name = result_name(env, "meta-llama/Llama-3.1-8B", single, options)
+    assert name == f"throughput-NVIDIA_H100_80GB_HBM3-meta-llama_Llama-3.1-8B-{mode}-2026-11-27-abc1234"

@@ -122,14 +122,22 @@ def run_throughput_bench(
         del hf_weights
         report["transformers"] = _transformers_peer(hf, requests[:hf_prompts])
     _print(report)
-    mode = ("single" if single else "batch") + ("-eager" if engine_options.get("enforce_eager") else "")
-    name = (f"throughput-{env['card'].replace(' ', '_')}-{model.replace('/', '_')}-{mode}"
-            f"-{env['date'][:10]}-{env['commit']}")
+    name = result_name(env, model, single, engine_options)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
     print(f"wrote {out_dir / name}.json and .png")
     return report
+
+
+def result_name(env: dict, model: str, single: bool, engine_options: dict) -> str:
+    """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16), date, commit,
+    so that runs of one commit in different modes do not overwrite each other."""
+    mode = ("single" if single else "batch") + ("-eager" if engine_options.get("enforce_eager") else "")
+    if engine_options.get("block_size", 16) != 16:
+        mode += f"-page{engine_options['block_size']}"
+    card, model = env["card"].replace(" ", "_"), model.replace("/", "_")
+    return f"throughput-{card}-{model}-{mode}-{env['date'][:10]}-{env['commit']}"
 
 
 def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
