@@ -97,6 +97,7 @@ def test_problem_class_examples_from_docstring():
     (AttentionConfig(block_m=16, tile_k=16, num_splits=-1), 1, r"num_splits must be in \[1, 256\]"),
     (AttentionConfig(block_m=16, tile_k=16, page_lookahead=2), 1, "page_lookahead must be 0 or 1"),
     (AttentionConfig(block_m=16, tile_k=16, page_lookahead=-1), 1, "page_lookahead must be 0 or 1"),
+    (AttentionConfig(block_m=16, tile_k=16, tma=2), 1, "tma must be 0 or 1"),
 ])
 def test_validate_rejects(config, group, message):
     with pytest.raises(ValueError, match=message):
@@ -105,7 +106,7 @@ def test_validate_rejects(config, group, message):
 
 @pytest.mark.parametrize("config, group", [
     (AttentionConfig(16, 16), 1), (AttentionConfig(16, 16), 16), (AttentionConfig(32, 128, 256), 32),
-    (AttentionConfig(128, 64, 1, 8, 4), 8), (AttentionConfig(64, 32, 16), 64),
+    (AttentionConfig(128, 64, 1, 8, 4), 8), (AttentionConfig(64, 32, 16), 64), (AttentionConfig(64, 64, tma=1), 4),
 ])
 def test_validate_accepts(config, group):
     config.validate(group)
