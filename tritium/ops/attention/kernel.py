@@ -78,31 +78,31 @@ def _attend_tiles(
                                     TILE_IN_PAGE)
         else:
             page = _tile_pages(block_table_row_ptr, tile_start, offs_t, context_len, PAGE_SIZE, TILE_IN_PAGE)
-        if TILE_IN_PAGE:  # one page holds the whole tile: contiguous slots
-            slot = tile_start % PAGE_SIZE + offs_t
-        else:  # the tile spans pages
-            slot = offs_k % PAGE_SIZE
-        k_offs = page.to(tl.int64) * stride_k_block + slot * stride_k_slot
-        v_offs = page.to(tl.int64) * stride_v_block + slot * stride_v_slot
-        # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
-        k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
-        v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
         if USE_TMA:  # the tile's rows of the [blocks * page, heads * dim] view: within one page, so contiguous
             row = page * PAGE_SIZE + tile_start % PAGE_SIZE
             k = k_desc.load([row, kv_column]).T
             v = v_desc.load([row, kv_column])
             if MASKED:  # rows past the context hold whatever the page held (NaN, say); 0 * NaN would poison P @ V
                 v = tl.where(in_context[:, None], v, 0.0)
-        elif MASKED:
-            if HEAD_DIM == HEAD_DIM_PAD:
-                k = tl.load(k_ptrs, mask=in_context[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=in_context[:, None], other=0.0)
-            else:
-                d_ok = offs_d < HEAD_DIM
-                k = tl.load(k_ptrs, mask=in_context[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=in_context[:, None] & d_ok[None, :], other=0.0)
         else:
-            if HEAD_DIM == HEAD_DIM_PAD:
+            if TILE_IN_PAGE:  # one page holds the whole tile: contiguous slots
+                slot = tile_start % PAGE_SIZE + offs_t
+            else:  # the tile spans pages
+                slot = offs_k % PAGE_SIZE
+            k_offs = page.to(tl.int64) * stride_k_block + slot * stride_k_slot
+            v_offs = page.to(tl.int64) * stride_v_block + slot * stride_v_slot
+            # K is loaded transposed, [HEAD_DIM_PAD, TILE_K], so that Q @ K needs no shuffle.
+            k_ptrs = k_cache_ptr + k_offs[None, :] + offs_d[:, None]
+            v_ptrs = v_cache_ptr + v_offs[:, None] + offs_d[None, :]
+            if MASKED:
+                if HEAD_DIM == HEAD_DIM_PAD:
+                    k = tl.load(k_ptrs, mask=in_context[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=in_context[:, None], other=0.0)
+                else:
+                    d_ok = offs_d < HEAD_DIM
+                    k = tl.load(k_ptrs, mask=in_context[None, :] & d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=in_context[:, None] & d_ok[None, :], other=0.0)
+            elif HEAD_DIM == HEAD_DIM_PAD:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
             else:
