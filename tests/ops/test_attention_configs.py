@@ -47,11 +47,18 @@ def write_cache(cache_dir, tables: dict) -> None:
 ])
 def test_problem_class_kind_boundaries(num_tokens, num_seqs, kind):
     cls = configs.problem_class(num_tokens, num_seqs, 32, 8, 128, 16)
-    m = configs._CLASS.fullmatch(cls)
-    assert m is not None, cls
-    assert m["kind"] == kind, cls
-    assert m["shape"] == "g4-d128" and m["page"] == "16"
-    assert (m["p"] is not None) == kind.startswith("decode"), cls
+    parts = configs.class_fields(cls)
+    assert parts["kind"] == kind, cls
+    assert (parts["shape"], parts["g"], parts["d"], parts["page"]) == ("g4-d128", "4", "128", "16")
+    assert (parts["p"] is not None) == (parts["q"] is not None) == kind.startswith("decode"), cls
+    if parts["q"] is not None:
+        assert kind == f"decode-q{parts['q']}"
+
+
+@pytest.mark.parametrize("key", ["decode-q1-g4-d128-pg16x", "prefill-g4-d128", "decode-p8-g4-d128-pg16", ""])
+def test_class_fields_refuses_other_keys(key):
+    with pytest.raises(ValueError, match="not a problem class"):
+        configs.class_fields(key)
 
 
 @pytest.mark.parametrize("num_seqs, num_kv_heads, programs", [

@@ -26,6 +26,7 @@ from tritium.bench.scenarios import Scenario, load_scenarios, select_scenarios
 from tritium.bench.timing import median_ms
 from tritium.ops.attention import AttentionConfig, unified_attention
 from tritium.ops.attention.configs import (
+    class_fields,
     default_config,
     device_key,
     has_tma,
@@ -58,9 +59,10 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
     """The tile shapes, warps and pipeline depths worth timing for one problem class (splits held fixed); with
     `tma` (the device has it), large-query shapes whose tile fits the class's page also with tensor descriptors."""
     large = head_dim > 128
+    fields = class_fields(cls)
     found = []
-    if cls.startswith("decode-"):  # block-table lookahead is tried on the best few only (see tune)
-        rows = int(cls.split("-")[1][1:]) * group
+    if fields["q"] is not None:  # decode: block-table lookahead is tried on the best few only (see tune)
+        rows = int(fields["q"]) * group
         block_m = max(16, 1 << (rows - 1).bit_length())
         for tile_k in (32, 64) if large else (32, 64, 128):
             for warps in (2, 4):
@@ -72,7 +74,7 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
               (128, 8, 32, 3), (64, 4, 64, 2), (64, 4, 64, 3), (64, 4, 128, 2), (128, 4, 64, 2), (128, 4, 64, 3)]
     if large:
         shapes = [(64, 4, 32, 2), (64, 4, 64, 2), (64, 8, 64, 2), (128, 8, 32, 2), (128, 8, 64, 2)]
-    page_size = int(cls.rsplit("-pg", 1)[1])
+    page_size = int(fields["page"])
     return [AttentionConfig(block_m, tile_k, 1, warps, stages, lookahead, descriptors)
             for block_m, warps, tile_k, stages in shapes if block_m >= group for lookahead in (0, 1)
             for descriptors in ((0, 1) if tma and page_size % tile_k == 0 else (0,))]

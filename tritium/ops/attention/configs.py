@@ -20,7 +20,8 @@ import triton
 # Programs per multiprocessor that a decode batch should offer before its keys are split.
 _SPLIT_TARGET_PER_SM = 2
 _MAX_SPLITS = 32
-_CLASS = re.compile(r"(?P<kind>decode-q\d+|mixed|prefill)(?:-p(?P<p>\d+))?-(?P<shape>g\d+-d\d+)-pg(?P<page>\d+)")
+_CLASS = re.compile(
+    r"(?P<kind>decode-q(?P<q>\d+)|mixed|prefill)(?:-p(?P<p>\d+))?-(?P<shape>g(?P<g>\d+)-d(?P<d>\d+))-pg(?P<page>\d+)")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,15 @@ def problem_class(
         programs = triton.next_power_of_2(max(1, num_seqs * num_kv_heads))
         return f"decode-q{triton.next_power_of_2(per_seq)}-p{programs}-{shape}"
     return f"{'mixed' if per_seq <= 256 else 'prefill'}-{shape}"
+
+
+def class_fields(cls: str) -> dict[str, str | None]:
+    """The parts of a problem-class key: kind, q (query tokens per sequence, decode), p (programs, decode), shape,
+    g (group), d (head size), page. Raises ValueError for a key problem_class would not write."""
+    m = _CLASS.fullmatch(cls)
+    if m is None:
+        raise ValueError(f"not a problem class: {cls!r}")
+    return m.groupdict()
 
 
 def device_key(device: torch.device) -> str:
