@@ -126,7 +126,7 @@ def problem_class(
 
 def class_fields(cls: str) -> dict[str, str | None]:
     """The parts of a problem-class key: kind, q (query tokens per sequence, decode), p (programs, decode), shape,
-    g (group), d (head size), page. Raises ValueError for a key problem_class would not write."""
+    g (group), d (head size), page. Raises ValueError for a key not of that form."""
     m = _CLASS.fullmatch(cls)
     if m is None:
         raise ValueError(f"not a problem class: {cls!r}")
