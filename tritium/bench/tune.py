@@ -61,7 +61,7 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
     large = head_dim > 128
     fields = class_fields(cls)
     found = []
-    if fields["q"] is not None:  # decode: block-table lookahead is tried on the best few only (see tune)
+    if cls.startswith("decode-"):  # block-table lookahead is tried on the best few only (see tune)
         rows = int(fields["q"]) * group
         block_m = max(16, 1 << (rows - 1).bit_length())
         for tile_k in (32, 64) if large else (32, 64, 128):
