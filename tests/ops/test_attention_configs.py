@@ -24,14 +24,14 @@ def entry(block_m: int = 16, tile_k: int = 32, num_splits: int = 1, num_warps: i
 def cache_dir(tmp_path, monkeypatch):
     """An empty user cache of our own; the memoized tables are dropped before and after."""
     monkeypatch.setenv("TRITIUM_CACHE_DIR", str(tmp_path))
-    configs._device_table.cache_clear()
+    configs._table_choice.cache_clear()
     yield tmp_path
-    configs._device_table.cache_clear()
+    configs._table_choice.cache_clear()
 
 
 def write_cache(cache_dir, tables: dict) -> None:
     (cache_dir / "attention_configs.json").write_text(json.dumps(tables))
-    configs._device_table.cache_clear()
+    configs._table_choice.cache_clear()
 
 
 # --- problem_class ---
@@ -247,7 +247,7 @@ def test_cache_entries_may_leave_out_defaulted_fields(cache_dir):
 
 def test_missing_cache_file_is_fine(cache_dir):
     assert not (cache_dir / "attention_configs.json").exists()
-    assert configs._device_table("cpu") == {}
+    assert configs._table_choice("cpu").entries == {}
     assert configs.lookup_tuned(CPU, DECODE_P128) is None
 
 
@@ -314,3 +314,27 @@ def test_shipped_table_is_valid():
             assert head_dim == triton.next_power_of_2(head_dim), cls
             count += 1
     assert count >= 1
+
+
+# --- a device with no table of its own takes its sibling's ---
+
+
+def test_sibling_fallback_scales_splits_by_multiprocessors(cache_dir, monkeypatch):
+    """A fake device key of the H100's architecture with no entries takes the H100's entries, split counts scaled by
+    the multiprocessor ratio; with entries of its own it takes those."""
+    fake = "nvidia:NVIDIA H100 Fake:cc90:sm66"  # half the H100's multiprocessors
+    monkeypatch.setattr(configs, "device_key", lambda device: fake)
+    write_cache(cache_dir, {H100: {DECODE_P128: entry(16, 32, 8, 4, 3), "prefill-g4-d128-pg16": entry(128, 64)}})
+    choice = configs.table_choice(CPU)
+    assert (choice.source, choice.table_key, choice.sm_ratio) == ("sibling", H100, 0.5)
+    assert configs.lookup_tuned(CPU, DECODE_P128) == AttentionConfig(16, 32, 4, 4, 3)
+    assert configs.lookup_tuned(CPU, "prefill-g4-d128-pg16") == AttentionConfig(128, 64)  # never split
+    write_cache(cache_dir, {fake: {DECODE_P128: entry(16, 64, 3)}})
+    assert configs.table_choice(CPU).source == "own"
+    assert configs.lookup_tuned(CPU, DECODE_P128) == AttentionConfig(16, 64, 3)
+
+
+def test_other_architecture_derives(cache_dir, monkeypatch):
+    monkeypatch.setattr(configs, "device_key", lambda device: "nvidia:NVIDIA B200:cc100:sm148")
+    assert configs.table_choice(CPU).source == "derived"
+    assert configs.lookup_tuned(CPU, "prefill-g4-d128-pg16") is None

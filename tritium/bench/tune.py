@@ -28,12 +28,12 @@ from tritium.ops.attention import AttentionConfig, unified_attention
 from tritium.ops.attention.configs import (
     class_fields,
     default_config,
-    device_key,
     has_tma,
     multiprocessor_count,
     problem_class,
     user_cache_path,
 )
+from tritium.ops.devices import device_key
 
 ERROR_BOUND = 2e-2  # bf16/fp16 output against the float32 reference
 CONFIGS_PER_JOB = 4  # small jobs keep every compiling worker busy to the end

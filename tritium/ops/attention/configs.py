@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import triton
 
+from tritium.ops.devices import TableChoice, choose_table, device_key
+
 # Programs per multiprocessor that a decode batch should offer before its keys are split.
 _SPLIT_TARGET_PER_SM = 2
 _MAX_SPLITS = 32
@@ -133,15 +135,6 @@ def class_fields(cls: str) -> dict[str, str | None]:
     return m.groupdict()
 
 
-def device_key(device: torch.device) -> str:
-    """What a tuned table is keyed by: vendor, name, architecture and multiprocessor count."""
-    if device.type != "cuda":
-        return "cpu"
-    p = torch.cuda.get_device_properties(device)
-    vendor = "amd" if torch.version.hip else "nvidia"
-    return f"{vendor}:{p.name}:cc{p.major}{p.minor}:sm{p.multi_processor_count}"
-
-
 def user_cache_path() -> Path:
     """Where `tritium tune` writes: $TRITIUM_CACHE_DIR, else $XDG_CACHE_HOME/tritium, else ~/.cache/tritium."""
     root = os.environ.get("TRITIUM_CACHE_DIR")
@@ -178,17 +171,35 @@ def _is_config(fields: object) -> bool:
 
 
 @functools.cache
-def _device_table(key: str) -> dict[str, dict]:
-    return load_tables().get(key, {})
+def _table_choice(key: str) -> TableChoice:
+    return choose_table(load_tables(), key)
+
+
+def table_choice(device: torch.device) -> TableChoice:
+    """Which tuned table this device runs with (its own, a sibling's, or none) and where it comes from."""
+    return _table_choice(device_key(device))
 
 
 def lookup_tuned(device: torch.device, cls: str) -> AttentionConfig | None:
-    """The tuned config for a problem class. A class missing from the table borrows the entry of the same
-    kind and shape at the nearest page size, then (decode) the nearest program count, with its split count
-    scaled to keep the same total programs."""
-    table = _device_table(device_key(device))
-    if cls in table:
-        return AttentionConfig(**table[cls])
+    """The tuned config for a problem class from the device's table (`table_choice`). A class missing from the
+    table borrows the entry of the same kind and shape at the nearest page size, then (decode) the nearest program
+    count. Split counts are scaled to keep the same programs per multiprocessor: by the program counts of the two
+    classes and, for a sibling's table, by the two devices' multiprocessor counts."""
+    choice = table_choice(device)
+    key = cls if cls in choice.entries else _nearest_class(choice.entries, cls)
+    if key is None:
+        return None
+    fields = dict(choice.entries[key])
+    scale = choice.sm_ratio
+    if key != cls:
+        scale *= int(class_fields(key)["p"] or 1) / int(class_fields(cls)["p"] or 1)
+    if scale != 1.0 and class_fields(key)["p"]:  # a decode class: its keys may be split
+        fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * scale)))
+    return AttentionConfig(**fields)
+
+
+def _nearest_class(table: dict[str, dict], cls: str) -> str | None:
+    """The table's class of the same kind and shape as `cls` at the nearest page size, then program count."""
     wanted = _CLASS.fullmatch(cls)
     if wanted is None:
         return None
@@ -200,14 +211,7 @@ def lookup_tuned(device: torch.device, cls: str) -> AttentionConfig | None:
         page_distance = abs(math.log2(int(m["page"]) / int(wanted["page"])))
         program_distance = abs(math.log2(int(m["p"]) / int(wanted["p"]))) if m["p"] else 0.0
         near.append((page_distance, program_distance, key))
-    if not near:
-        return None
-    *_, key = min(near)
-    fields = dict(table[key])
-    programs = _CLASS.fullmatch(key)["p"]
-    if programs:
-        fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * int(programs) / int(wanted["p"]))))
-    return AttentionConfig(**fields)
+    return min(near)[2] if near else None
 
 
 def _splits(device: torch.device, num_tokens: int, num_seqs: int, num_kv_heads: int, group: int) -> int:
