@@ -13,6 +13,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.shapes import MODEL_SHAPES, shape_config
@@ -24,8 +25,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="prompt tokens before the profiled steps")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    engine = LLMEngine(shape_config(args.model_config), skip_tokenizer_init=True, max_num_seqs=1,
-                       max_model_len=args.context + 4 * args.steps + 64)
+    config = EngineConfig(skip_tokenizer_init=True, max_num_seqs=1, max_model_len=args.context + 4 * args.steps + 64)
+    engine = LLMEngine(shape_config(args.model_config), config)
     vocab = engine.model.config.vocab_size
     ids = torch.randint(0, vocab, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=3 * args.steps, ignore_eos=True))

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tritium.engine.config import EngineConfig
 from tritium.generate import default_model_dir
 from tritium.server.async_engine import AsyncEngine
 from tritium.server.serve import make_server
@@ -20,7 +21,8 @@ def running_server(api_key: str | None = None, model=None, name: str | None = No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = make_server(model or str(default_model_dir()), "127.0.0.1", port, api_key, name, **engine_options)
+    config = EngineConfig.from_options(**engine_options)
+    server = make_server(model or str(default_model_dir()), "127.0.0.1", port, api_key, config, name)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,13 +1,14 @@
 """LLMEngine.abort: a request's waiting or running sequences leave the scheduler and their pages go back at once."""
 
 from tritium import SamplingParams
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.generate import default_model_dir
 
 
 def test_abort_frees_running_and_waiting_sequences():
-    engine = LLMEngine(str(default_model_dir()), max_num_seqs=2, max_model_len=256)
-    idle = engine.blocks.num_free
+    engine = LLMEngine(str(default_model_dir()), EngineConfig(max_num_seqs=2, max_model_len=256))
+    idle = engine.pages.num_free
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, n=2)
     prompt = engine.tokenizer.encode("The for statement " * 5)
     first = engine.add_request(prompt, params, "a")
@@ -16,13 +17,13 @@ def test_abort_frees_running_and_waiting_sequences():
     for _ in range(3):
         engine.step()
     assert {s.request_id for s in engine.scheduler.running} == {"a"}
-    assert engine.blocks.num_free < idle
+    assert engine.pages.num_free < idle
     assert engine.abort("a") == first
     assert engine.abort("b") == second  # still waiting: max_num_seqs held it back
     assert engine.abort("a") == []
-    assert all(s.finish_reason == "abort" and not s.block_table for s in first + second)
+    assert all(s.finish_reason == "abort" and not s.pages for s in first + second)
     assert [s.request_id for s in engine.scheduler.waiting] == ["c"] and not engine.scheduler.running
     while engine.has_unfinished():
         engine.step()
     assert other[0].finish_reason == "length" and len(other[0].output_ids) == 4
-    assert engine.blocks.num_free == idle
+    assert engine.pages.num_free == idle

@@ -203,7 +203,7 @@ def test_a_batch_the_engine_refuses_in_part_leaves_nothing_queued(server, monkey
             "ignore_eos": True}
     r = httpx.post(url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"] == "prompt 1: refused"
-    assert not engine.engine.has_unfinished() and engine.engine.blocks.num_free == engine.engine.blocks.num_blocks
+    assert not engine.engine.has_unfinished() and engine.engine.pages.num_free == engine.engine.pages.num_pages
     events = httpx.post(url + "/v1/completions", json={**body, "stream": True}, timeout=30).text.split("\n\n")
     assert json.loads(events[0][6:])["error"]["message"] == "prompt 1: refused" and events[1] == "data: [DONE]"
     assert not engine.engine.has_unfinished()
@@ -211,17 +211,17 @@ def test_a_batch_the_engine_refuses_in_part_leaves_nothing_queued(server, monkey
 
 def test_disconnect_mid_stream_frees_the_pages(server):
     url, engine = server
-    blocks = engine.engine.blocks
-    idle = blocks.num_blocks
+    pages = engine.engine.pages
+    idle = pages.num_pages
     body = {**OK_COMPLETION, "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert blocks.num_free < idle
+        assert pages.num_free < idle
     deadline = time.monotonic() + 10
-    while blocks.num_free != idle and time.monotonic() < deadline:
+    while pages.num_free != idle and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert blocks.num_free == idle
+    assert pages.num_free == idle
     assert not engine.engine.has_unfinished()
 
 
@@ -231,8 +231,8 @@ def test_disconnect_mid_stream_frees_the_pages(server):
 ])
 def test_disconnect_before_a_whole_response_aborts_the_request(server, path, body, prompts):
     url, engine = server
-    blocks = engine.engine.blocks
-    idle = blocks.num_blocks
+    pages = engine.engine.pages
+    idle = pages.num_pages
     aborts = "tritium_requests_total" + str([("finish_reason", "abort")])
     before = _metrics(url).get(aborts, 0)
     data = json.dumps({**body, "max_tokens": 200, "ignore_eos": True, "n": 2}).encode()
@@ -240,13 +240,13 @@ def test_disconnect_before_a_whole_response_aborts_the_request(server, path, bod
         s.sendall(f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
                   f"content-length: {len(data)}\r\n\r\n".encode() + data)
         deadline = time.monotonic() + 10
-        while blocks.num_free == idle:
+        while pages.num_free == idle:
             assert time.monotonic() < deadline, "the request did not start"
             time.sleep(0.01)
     deadline = time.monotonic() + 10  # the abort counter tells an abort from a request that ran to its end
-    while (blocks.num_free != idle or _metrics(url).get(aborts, 0) < before + prompts) and time.monotonic() < deadline:
+    while (pages.num_free != idle or _metrics(url).get(aborts, 0) < before + prompts) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert blocks.num_free == idle and not engine.engine.has_unfinished()
+    assert pages.num_free == idle and not engine.engine.has_unfinished()
     assert _metrics(url).get(aborts, 0) == before + prompts
 
 

@@ -3,6 +3,10 @@
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tritium.engine.config import EngineConfig
 
 DTYPES = ("bfloat16", "float16")
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.seed)
         try:
             run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out,
-                                 **_engine_kwargs(args))
+                                 _engine_config(args))
         except (ValueError, RuntimeError) as exc:
             parser.exit(2, f"tritium bench throughput: {exc}\n")
     return 0
@@ -160,8 +164,8 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        run_generate(args.model, args.prompts, args.input, args.output, sampling, chat=args.chat,
-                     skip_tokenizer_init=args.skip_tokenizer_init, **_engine_kwargs(args))
+        config = _engine_config(args, skip_tokenizer_init=args.skip_tokenizer_init)
+        run_generate(args.model, args.prompts, args.input, args.output, sampling, config, chat=args.chat)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")
 
@@ -177,11 +181,14 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly, not as CUDA graphs")
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-                enforce_eager=args.enforce_eager)
+def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
+    """The EngineConfig the engine options (and `extra` fields) on the command line ask for."""
+    from tritium.engine.config import EngineConfig
+
+    return EngineConfig(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, **extra)
 
 
 def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -213,11 +220,11 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         print(DEFAULT_MODEL_NOTE, file=sys.stderr)
     try:
         if args.model_config is not None:
-            run_server(shape_config(args.model_config), args.host, args.port, args.api_key, args.model_config,
-                       tokenizer=args.tokenizer or str(default_model_dir()), **_engine_kwargs(args))
+            config = _engine_config(args, tokenizer=args.tokenizer or str(default_model_dir()))
+            run_server(shape_config(args.model_config), args.host, args.port, args.api_key, config, args.model_config)
         else:
             run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key,
-                       tokenizer=args.tokenizer, **_engine_kwargs(args))
+                       _engine_config(args, tokenizer=args.tokenizer))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium serve: {exc}\n")
 

@@ -6,6 +6,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm import LLM
 from tritium.engine.sampling_params import SamplingParams
 
@@ -48,7 +49,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 def run_generate(
     model: str | None, prompts: list[str], input_path: Path | None, output_path: Path | None,
-    sampling: dict, chat: bool = False, **engine_options,
+    sampling: dict, config: EngineConfig, chat: bool = False,
 ) -> None:
     """Stream each command-line prompt's text to standard output, or run a JSONL file as one batch into
     `output_path` (standard output when None). `sampling` holds the SamplingParams fields the user set; the
@@ -57,7 +58,7 @@ def run_generate(
     if model is None:
         print(DEFAULT_MODEL_NOTE, file=sys.stderr)
         model = str(default_model_dir())
-    llm = LLM(model, **engine_options)
+    llm = LLM.from_config(model, config)
     params = SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **llm.engine.sampling_defaults, **sampling})
     if input_path is None:
         for prompt in prompts:

@@ -10,9 +10,9 @@ SEQS = [(3, 20), (1, 1), (16, 16), (0, 7), (5, 37), (2, 33)]
 
 
 def used_slots(batch) -> torch.Tensor:
-    """A [num_blocks, page_size] mask of the cache slots that hold some sequence's context."""
-    num_blocks, page_size = batch.k_cache.shape[:2]
-    mask = torch.zeros(num_blocks, page_size, dtype=torch.bool)
+    """A [num_pages, page_size] mask of the cache slots that hold some sequence's context."""
+    num_pages, page_size = batch.k_cache.shape[:2]
+    mask = torch.zeros(num_pages, page_size, dtype=torch.bool)
     for i, ctx in enumerate(batch.seqused_k.tolist()):
         for pos in range(ctx):
             mask[batch.block_table[i, pos // page_size], pos % page_size] = True
@@ -24,7 +24,7 @@ def used_slots(batch) -> torch.Tensor:
 def test_layout(page_size, pad_tokens, gen):
     spare = 3
     batch = random_paged_batch(SEQS, 8, 2, 32, page_size, dtype=torch.float32, pad_tokens=pad_tokens,
-                               spare_blocks=spare, generator=gen)
+                               spare_pages=spare, generator=gen)
     num_tokens = sum(q for q, _ in SEQS)
     assert batch.q.shape == (num_tokens + pad_tokens, 8, 32) and batch.q.dtype == torch.float32
     assert torch.isfinite(batch.q).all()
@@ -35,13 +35,13 @@ def test_layout(page_size, pad_tokens, gen):
     assert batch.max_seqlen_q == 16 and batch.max_seqlen_k == 37
 
     pages_per_seq = [-(-ctx // page_size) for _, ctx in SEQS]
-    num_blocks = sum(pages_per_seq) + spare
-    assert batch.k_cache.shape == batch.v_cache.shape == (num_blocks, page_size, 2, 32)
+    num_pages = sum(pages_per_seq) + spare
+    assert batch.k_cache.shape == batch.v_cache.shape == (num_pages, page_size, 2, 32)
     assert batch.block_table.dtype == torch.int32
     assert batch.block_table.shape == (len(SEQS), max(pages_per_seq))
     pages = [p for i, n in enumerate(pages_per_seq) for p in batch.block_table[i, :n].tolist()]
     assert len(pages) == len(set(pages)) == sum(pages_per_seq), "a page is shared between sequences"
-    assert all(0 <= p < num_blocks for p in pages)
+    assert all(0 <= p < num_pages for p in pages)
 
     used = used_slots(batch)
     assert used.sum() == sum(ctx for _, ctx in SEQS)

@@ -13,7 +13,7 @@ def test_bench_serve_against_tritium_serve(tmp_path, capsys):
     with running_server() as (url, engine):
         assert main(["bench", "serve", "--url", url, "--num-prompts", "6", "--request-rate", "50",
                      "--input-len", "5", "20", "--output-len", "3", "9", "--out", str(tmp_path)]) == 0
-        idle = engine.engine.blocks.num_free == engine.engine.blocks.num_blocks
+        idle = engine.engine.pages.num_free == engine.engine.pages.num_pages
     printed = capsys.readouterr().out
     assert "6 of 6 requests completed" in printed
     (report_path,) = tmp_path.glob("serve-*.json")

@@ -8,6 +8,7 @@ from tests.models.test_llama import save_family
 from tritium.bench.hf_peer import hf_state_dict
 from tritium.bench.throughput import Workload, _warm_up, result_name
 from tritium.cli import main
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
@@ -47,8 +48,8 @@ def test_engine_on_random_weights_runs_and_counts_its_steps():
            "head_dim": 16}
     cfg = ModelConfig.from_dict(raw)
     with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
-        LLMEngine(cfg, device="cpu")
-    engine = LLMEngine(cfg, device="cpu", skip_tokenizer_init=True, block_size=4, max_model_len=64)
+        LLMEngine(cfg, EngineConfig(device="cpu"))
+    engine = LLMEngine(cfg, EngineConfig(device="cpu", skip_tokenizer_init=True, block_size=4, max_model_len=64))
     engine.add_request([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     engine.add_request([7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     engine.step()
@@ -65,8 +66,8 @@ def test_engine_on_random_weights_runs_and_counts_its_steps():
 def test_warm_up_meets_every_power_of_two_decode_batch():
     raw = {**MODEL_SHAPES["llama-3.2-1b"], "torch_dtype": "float32", "num_hidden_layers": 1, "vocab_size": 64,
            "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
-    engine = LLMEngine(ModelConfig.from_dict(raw), device="cpu", skip_tokenizer_init=True, block_size=4,
-                       max_model_len=64, max_num_seqs=8)
+    engine = LLMEngine(ModelConfig.from_dict(raw), EngineConfig(device="cpu", skip_tokenizer_init=True, block_size=4,
+                       max_model_len=64, max_num_seqs=8))
     sizes = []
     step = engine.step
 
@@ -79,7 +80,7 @@ def test_warm_up_meets_every_power_of_two_decode_batch():
     engine.step = counting_step
     _warm_up(engine, Workload(20, (5, 30), (1, 2)).requests(64))
     assert {1, 2, 4, 8} <= set(sizes) and max(sizes) == 8
-    assert not engine.has_unfinished() and engine.blocks.num_free == len(engine.blocks.ref_count)
+    assert not engine.has_unfinished() and engine.pages.num_free == len(engine.pages.ref_count)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
@@ -123,5 +124,5 @@ def test_bench_throughput_needs_a_gpu(capsys):
 ])
 def test_result_names_tell_modes_apart(single, options, mode):
     env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-27 12:00 UTC", "commit": "abc1234"}
-    name = result_name(env, "meta-llama/Llama-3.1-8B", single, options)
+    name = result_name(env, "meta-llama/Llama-3.1-8B", single, EngineConfig(**options))
     assert name == f"throughput-NVIDIA_H100_80GB_HBM3-meta-llama_Llama-3.1-8B-{mode}-2026-11-27-abc1234"

@@ -35,16 +35,16 @@ def tiny_config() -> ModelConfig:
 def test_padded_decode_batch_equals_the_unpadded_one(gen):
     cfg = tiny_config()
     model = random_model(cfg, torch.float32, "cpu", seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-    block_size, num_blocks = 4, 24
-    caches = [tuple(torch.randn(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, generator=gen) for _ in "kv")
+    page_size, num_pages = 4, 24
+    caches = [tuple(torch.randn(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, generator=gen) for _ in "kv")
               for _ in range(cfg.num_layers)]
     # Three decodes with different contexts (the new token included) on scattered pages.
     context_lens = [5, 17, 9]
-    pages = torch.randperm(num_blocks, generator=gen).tolist()
+    pages = torch.randperm(num_pages, generator=gen).tolist()
     tables = [pages[0:2], pages[2:7], pages[7:10]]
     ids = torch.randint(0, cfg.vocab_size, (3,), generator=gen).tolist()
     positions = [n - 1 for n in context_lens]
-    slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions, strict=True)]
+    slots = [t[p // page_size] * page_size + p % page_size for t, p in zip(tables, positions, strict=True)]
 
     eager_caches = [tuple(c.clone() for c in layer) for layer in caches]
     meta = AttentionMetadata(
@@ -53,8 +53,8 @@ def test_padded_decode_batch_equals_the_unpadded_one(gen):
         slot_mapping=torch.tensor(slots), max_seqlen_q=1, max_seqlen_k=max(context_lens), backend="triton")
     expected = model(torch.tensor(ids), torch.tensor(positions), meta, eager_caches)
 
-    inputs = DecodeInputs(max_seqs=8, max_blocks_per_seq=8, block_size=block_size, device=torch.device("cpu"))
-    inputs.block_table.random_(0, num_blocks, generator=gen)  # stale entries from "earlier steps"
+    inputs = DecodeInputs(max_seqs=8, max_pages_per_seq=8, page_size=page_size, device=torch.device("cpu"))
+    inputs.block_table.random_(0, num_pages, generator=gen)  # stale entries from "earlier steps"
     inputs.fill(8, ids, positions, slots, context_lens, tables)
     padded_caches = [tuple(c.clone() for c in layer) for layer in caches]
     got = inputs.forward(model, padded_caches, 8)
@@ -64,7 +64,7 @@ def test_padded_decode_batch_equals_the_unpadded_one(gen):
     assert err < 1e-5, err
     # The padding wrote nothing: outside the new tokens' slots both caches still hold the same values, in them the
     # same K/V (to rounding: the projections ran with 8 rows instead of 3).
-    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written = torch.zeros(num_pages * page_size, dtype=torch.bool)
     written[slots] = True
     for eager_layer, padded_layer in zip(eager_caches, padded_caches, strict=True):
         for c0, c1 in zip(eager_layer, padded_layer, strict=True):

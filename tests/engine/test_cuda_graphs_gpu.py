@@ -4,6 +4,7 @@ the greedy tokens of eager decode steps."""
 import pytest
 import torch
 
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.shapes import shape_config
@@ -13,8 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = LLMEngine(shape_config("llama-3.1-8b"), skip_tokenizer_init=True, max_model_len=4096,
-                       max_num_seqs=16, gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    engine = LLMEngine(shape_config("llama-3.1-8b"), EngineConfig(skip_tokenizer_init=True, max_model_len=4096,
+                       max_num_seqs=16, gpu_memory_utilization=0.5, enable_prefix_caching=False))
     assert engine.runner.graphs is not None and engine.runner.graphs.buckets == [1, 2, 4, 8, 16]
     yield engine
     del engine
@@ -57,7 +58,7 @@ def test_graph_decode_greedy_equals_eager(engine, batch):
     with_graphs, eager = both_ways(engine, prompts, params)
     for a, b in zip(with_graphs, eager, strict=True):
         assert a.output_ids == b.output_ids
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pages.num_free == engine.pages.num_pages
 
 
 def test_padded_graph_decode_matches_eager_logprobs(engine):
@@ -97,4 +98,4 @@ def test_decodes_launched_ahead_equal_step_by_step(engine, monkeypatch):
     assert sum(taken) > len(taken) // 2, taken  # most steps took the decode launched ahead
     monkeypatch.setattr(engine, "_ahead", lambda batch: [])
     assert run() == ahead
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pages.num_free == engine.pages.num_pages

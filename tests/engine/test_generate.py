@@ -38,7 +38,7 @@ SETTINGS = {
     "default": {},
     "no_prefix_cache": {"enable_prefix_caching": False},
     "chunked_prefill": {"max_num_batched_tokens": 5},
-    "preemption": {"num_kv_blocks": 12, "max_model_len": 32},
+    "preemption": {"num_kv_pages": 12, "max_model_len": 32},
 }
 
 
@@ -50,7 +50,7 @@ def test_greedy_matches_transformers(family_dir, setting):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    assert llm.engine.blocks.num_free == len(llm.engine.blocks.ref_count)  # every page back in the pool
+    assert llm.engine.pages.num_free == len(llm.engine.pages.ref_count)  # every page back in the pool
     if setting == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
 

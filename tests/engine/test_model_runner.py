@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.models.test_llama import save_family
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.model_runner import ModelRunner
 from tritium.engine.sampling_params import SamplingParams
@@ -32,7 +33,7 @@ def _run(path, requests, run_ahead: bool, monkeypatch, arrive_at: int = 3, abort
         launches = []
         launch = ModelRunner._launch
         m.setattr(ModelRunner, "_launch", lambda self, batch: launches.append(1) or launch(self, batch))
-        engine = LLMEngine(path, skip_tokenizer_init=True, block_size=4)
+        engine = LLMEngine(path, EngineConfig(skip_tokenizer_init=True, block_size=4))
         seqs = []
         for i, (prompt, params) in enumerate(requests[:-1]):
             seqs += engine.add_request(prompt, params, str(i))
@@ -44,7 +45,7 @@ def _run(path, requests, run_ahead: bool, monkeypatch, arrive_at: int = 3, abort
                 engine.abort("1")
             engine.step()
             steps += 1
-        assert engine.blocks.num_free == engine.blocks.num_blocks  # the reserved pages came back too
+        assert engine.pages.num_free == engine.pages.num_pages  # the reserved pages came back too
     outputs = {s.request_id: (s.output_ids, s.finish_reason) for s in seqs}
     return outputs, {"steps": steps, "launches": len(launches)}
 
@@ -71,7 +72,7 @@ def test_run_ahead_changes_no_output(model_dir, monkeypatch):
 
 def test_engine_serves_after_an_unused_run_ahead(model_dir):
     prompt, other = _prompts(2)
-    engine = LLMEngine(model_dir, skip_tokenizer_init=True, block_size=4)
+    engine = LLMEngine(model_dir, EngineConfig(skip_tokenizer_init=True, block_size=4))
     first = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     while engine.has_unfinished():
         engine.step()
@@ -84,9 +85,9 @@ def test_engine_serves_after_an_unused_run_ahead(model_dir):
     while engine.has_unfinished():
         engine.step()
 
-    fresh = LLMEngine(model_dir, skip_tokenizer_init=True, block_size=4)
+    fresh = LLMEngine(model_dir, EngineConfig(skip_tokenizer_init=True, block_size=4))
     alone = fresh.add_request(other, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     while fresh.has_unfinished():
         fresh.step()
     assert seq.output_ids == alone.output_ids
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pages.num_free == engine.pages.num_pages

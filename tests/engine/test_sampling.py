@@ -143,7 +143,7 @@ def test_n_samples_seeded_and_distinct(llm):
         assert [r.outputs[0].token_ids for r in single] == [r.outputs[k].token_ids for r in first]
     unseeded = llm.generate(PROMPTS[0], SamplingParams(n=4, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     assert len({tuple(o.token_ids) for o in unseeded.outputs}) == 4
-    assert llm.engine.blocks.num_free == len(llm.engine.blocks.ref_count)
+    assert llm.engine.pages.num_free == len(llm.engine.pages.ref_count)
 
 
 def test_n_samples_share_prompt_pages(text_model):
@@ -154,4 +154,4 @@ def test_n_samples_share_prompt_pages(text_model):
     batch = llm.engine.scheduler.schedule()
     full_pages = (len(prompt) - 1) // 4 * 4  # the last prompt token always runs, to give logits
     assert [n for _, n in batch] == [len(prompt)] + [len(prompt) - full_pages] * 2
-    assert seqs[1].block_table[:full_pages // 4] == seqs[0].block_table[:full_pages // 4]
+    assert seqs[1].pages[:full_pages // 4] == seqs[0].pages[:full_pages // 4]

@@ -38,6 +38,7 @@ def test_step_shapes_fit_the_budget():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_no_step_compiles_after_the_warm_up():
+    from tritium.engine.config import EngineConfig
     from tritium.engine.llm_engine import LLMEngine
     from tritium.engine.sampling_params import SamplingParams
     from tritium.models.shapes import shape_config
@@ -47,8 +48,9 @@ def test_no_step_compiles_after_the_warm_up():
         return sum(len(cache[0]) for fn in (kernel.unified_attention_kernel, kernel.merge_splits_kernel)
                    for cache in fn.device_caches.values())
 
-    engine = LLMEngine(shape_config("llama-3.2-1b"), skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=8,
-                       max_num_batched_tokens=512, gpu_memory_utilization=0.3)
+    config = EngineConfig(skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=512,
+                          gpu_memory_utilization=0.3)
+    engine = LLMEngine(shape_config("llama-3.2-1b"), config)
     before = compiled()
     g = torch.Generator().manual_seed(0)
     # Prefills, a chunked one, mixed steps and decodes at several batch sizes; tables of 1 to 38 pages.

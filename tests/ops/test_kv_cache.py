@@ -37,13 +37,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def poisoned_cache(num_blocks, page, hkv, d, dtype):
-    return tuple(torch.full((num_blocks, page, hkv, d), NAN).to(dtype) for _ in range(2))
+def poisoned_cache(num_pages, page, hkv, d, dtype):
+    return tuple(torch.full((num_pages, page, hkv, d), NAN).to(dtype) for _ in range(2))
 
 
-def random_slots(num_tokens, num_blocks, page, gen, skipped=0.25, dtype=torch.int64):
+def random_slots(num_tokens, num_pages, page, gen, skipped=0.25, dtype=torch.int64):
     """Distinct random slots, about `skipped` of them -1 (padding tokens)."""
-    slots = torch.randperm(num_blocks * page, generator=gen)[:num_tokens]
+    slots = torch.randperm(num_pages * page, generator=gen)[:num_tokens]
     slots[torch.rand(num_tokens, generator=gen) < skipped] = -1
     return slots.to(dtype)
 
@@ -75,11 +75,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, cast=None) -> torch.Tensor:
     (torch.bfloat16, 16, 2, 16, torch.int32),  # a plain copy: bfloat16 is fine here
 ])
 def test_write(dtype, page, hkv, d, slot_dtype, gen):
-    num_blocks, num_tokens = 7, 50
+    num_pages, num_tokens = 7, 50
     key = torch.randn(num_tokens, hkv, d, generator=gen).to(dtype)
     value = torch.randn(num_tokens, hkv, d, generator=gen).to(dtype)
-    k_cache, v_cache = poisoned_cache(num_blocks, page, hkv, d, dtype)
-    slots = random_slots(num_tokens, num_blocks, page, gen, dtype=slot_dtype)
+    k_cache, v_cache = poisoned_cache(num_pages, page, hkv, d, dtype)
+    slots = random_slots(num_tokens, num_pages, page, gen, dtype=slot_dtype)
     assert (slots == -1).any() and (slots >= 0).any()
     want_k, want_v = expected_cache(k_cache, slots, key), expected_cache(v_cache, slots, value)
     write_kv_cache(key, value, k_cache, v_cache, slots)
@@ -119,15 +119,15 @@ def test_strided_key_value(gen):
 # --- fp8 caches ---
 
 
-def _fp8_case(src_dtype, page, hkv, d, slot_dtype, gen, num_blocks=6, num_tokens=60):
+def _fp8_case(src_dtype, page, hkv, d, slot_dtype, gen, num_pages=6, num_tokens=60):
     key = (3.0 * torch.randn(num_tokens, hkv, d, generator=gen)).to(src_dtype)
     value = torch.randn(num_tokens, hkv, d, generator=gen).to(src_dtype)
     # Scales that saturate the largest keys and leave values well inside fp8's range.
     k_scale = torch.tensor([key.float().abs().max().item() / 600.0])
     v_scale = torch.tensor([value.float().abs().max().item() / 200.0])
     assert (key.float() / k_scale).abs().max() > FP8_MAX
-    k_cache, v_cache = poisoned_cache(num_blocks, page, hkv, d, FP8)
-    slots = random_slots(num_tokens, num_blocks, page, gen, dtype=slot_dtype)
+    k_cache, v_cache = poisoned_cache(num_pages, page, hkv, d, FP8)
+    slots = random_slots(num_tokens, num_pages, page, gen, dtype=slot_dtype)
     return key, value, k_cache, v_cache, slots, k_scale, v_scale
 
 
@@ -177,12 +177,12 @@ def _round_trip(kv_dtype, qdtype, gen, page=16, hq=6, hkv=2, d=80):
     seqs = [(10, 45), (1, 23), (17, 17), (1, 1)]
     pad = 3
     blocks = [-(-ctx // page) for _, ctx in seqs]
-    num_blocks = sum(blocks) + 2
-    order = torch.randperm(num_blocks, generator=gen)
+    num_pages = sum(blocks) + 2
+    order = torch.randperm(num_pages, generator=gen)
     table = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
     keys = [torch.randn(ctx, hkv, d, generator=gen).to(qdtype) for _, ctx in seqs]
     values = [torch.randn(ctx, hkv, d, generator=gen).to(qdtype) for _, ctx in seqs]
-    k_cache, v_cache = poisoned_cache(num_blocks, page, hkv, d, kv_dtype)
+    k_cache, v_cache = poisoned_cache(num_pages, page, hkv, d, kv_dtype)
     scales = {}
     if kv_dtype == FP8:
         scales = {"k_scale": torch.tensor([max(k.float().abs().max().item() for k in keys) / 300.0]),

@@ -14,11 +14,11 @@ class PagedBatch:
     so a kernel that reads past a sequence's context poisons its own output."""
 
     q: torch.Tensor  # [num_tokens, num_q_heads, head_size]
-    k_cache: torch.Tensor  # [num_blocks, page_size, num_kv_heads, head_size]
+    k_cache: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_size]
     v_cache: torch.Tensor
     cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
     seqused_k: torch.Tensor  # int32 [num_seqs]
-    block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
+    block_table: torch.Tensor  # int32 [num_seqs, max_pages]
     max_seqlen_q: int
     max_seqlen_k: int
     k_scale: torch.Tensor | None = None  # per-tensor float32 scales of an fp8 cache
@@ -47,7 +47,7 @@ def random_paged_batch(
     device: str | torch.device = "cpu",
     kv_dtype: torch.dtype | None = None,
     pad_tokens: int = 0,
-    spare_blocks: int = 2,
+    spare_pages: int = 2,
     generator: torch.Generator | None = None,
 ) -> PagedBatch:
     """A batch of sequences given as (query_len, context_len) pairs, context counting the new tokens.
@@ -61,22 +61,22 @@ def random_paged_batch(
     device = torch.device(device)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     num_tokens = sum(q for q, _ in seqs) + pad_tokens
-    blocks_per_seq = [-(-ctx // page_size) for _, ctx in seqs]
-    num_blocks = sum(blocks_per_seq) + spare_blocks
-    max_blocks = max(blocks_per_seq + [1])
+    pages_per_seq = [-(-ctx // page_size) for _, ctx in seqs]
+    num_pages = sum(pages_per_seq) + spare_pages
+    max_pages = max(pages_per_seq + [1])
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float32)
 
     q = randn(num_tokens, num_q_heads, head_size).to(dtype)
-    k_cache = torch.full((num_blocks, page_size, num_kv_heads, head_size), float("nan"))
+    k_cache = torch.full((num_pages, page_size, num_kv_heads, head_size), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
-    order = torch.randperm(num_blocks, generator=g)
-    block_table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    order = torch.randperm(num_pages, generator=g)
+    block_table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
     taken = 0
     for i, (_, ctx) in enumerate(seqs):
-        pages = order[taken : taken + blocks_per_seq[i]]
-        taken += blocks_per_seq[i]
+        pages = order[taken : taken + pages_per_seq[i]]
+        taken += pages_per_seq[i]
         block_table[i, : len(pages)] = pages.to(torch.int32)
         for j, page in enumerate(pages.tolist()):
             used = min(page_size, ctx - j * page_size)

@@ -9,6 +9,7 @@ decode before reading back the one before it; timing a step alone would stall th
 one stream instead (the latency mode).
 """
 
+import dataclasses
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ from tritium.bench.ceilings import measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.hf_peer import hf_model_like, hf_state_dict
 from tritium.bench.plots import plot_step_roofline
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
@@ -52,7 +54,7 @@ class Workload:
 
 def run_throughput_bench(
     model: str, workload: Workload, single: bool = False, hf_prompts: int = 32,
-    out_dir: Path = Path("benchmarks/results"), **engine_options,
+    out_dir: Path = Path("benchmarks/results"), config: EngineConfig | None = None,
 ) -> dict:
     """Time the engine (and transformers' generate on a subset) on one workload; write JSON + PNG into out_dir."""
     if not torch.cuda.is_available():
@@ -68,7 +70,8 @@ def run_throughput_bench(
         workload = Workload(1, workload.input_len, workload.output_len, workload.seed)
     env = describe_environment(device)
     ceilings = measure_ceilings(device)
-    engine = LLMEngine(source, skip_tokenizer_init=True, **engine_options)
+    config = dataclasses.replace(config or EngineConfig(), skip_tokenizer_init=True)
+    engine = LLMEngine(source, config)
     cfg = engine.model.config
     requests = workload.requests(cfg.vocab_size)
     _warm_up(engine, requests)
@@ -99,7 +102,7 @@ def run_throughput_bench(
     decode = [r for r in steps if r["decode_only"]]
     report = {
         "environment": env, "ceilings": ceilings, "model": model, "workload": workload.__dict__, "single": single,
-        "engine_options": {k: str(v) for k, v in engine_options.items()},
+        "engine_config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
         "tritium": {
             "seconds": elapsed, "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": n_out / elapsed,
             "total_tokens_per_s": (n_in + n_out) / elapsed, "steps": len(steps), "decode_steps": len(decode),
@@ -122,7 +125,7 @@ def run_throughput_bench(
         del hf_weights
         report["transformers"] = _transformers_peer(hf, requests[:hf_prompts])
     _print(report)
-    name = result_name(env, model, single, engine_options)
+    name = result_name(env, model, single, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
@@ -130,12 +133,12 @@ def run_throughput_bench(
     return report
 
 
-def result_name(env: dict, model: str, single: bool, engine_options: dict) -> str:
+def result_name(env: dict, model: str, single: bool, config: EngineConfig) -> str:
     """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16), date, commit,
     so that runs of one commit in different modes do not overwrite each other."""
-    mode = ("single" if single else "batch") + ("-eager" if engine_options.get("enforce_eager") else "")
-    if engine_options.get("block_size", 16) != 16:
-        mode += f"-page{engine_options['block_size']}"
+    mode = ("single" if single else "batch") + ("-eager" if config.enforce_eager else "")
+    if config.block_size != 16:
+        mode += f"-page{config.block_size}"
     card, model = env["card"].replace(" ", "_"), model.replace("/", "_")
     return f"throughput-{card}-{model}-{mode}-{env['date'][:10]}-{env['commit']}"
 

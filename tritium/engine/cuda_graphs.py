@@ -32,22 +32,22 @@ def fill_rows(table: torch.Tensor, rows: list[list[int]]) -> None:
 class DecodeInputs:
     """Fixed device buffers holding a decode batch padded to a bucket size: what a captured forward reads."""
 
-    def __init__(self, max_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_seqs: int, max_pages_per_seq: int, page_size: int, device: torch.device) -> None:
         self.tokens = torch.zeros(3, max_seqs, dtype=torch.int64, device=device)  # ids, positions, slots
         self.seq_info = torch.zeros(2 * max_seqs + 1, dtype=torch.int32, device=device)  # cu_seqlens_q, seqused_k
-        self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.max_keys = max_blocks_per_seq * block_size
+        self.block_table = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.max_keys = max_pages_per_seq * page_size
         # Host staging, two sets used in turn: pinned on a GPU, so the copies are asynchronous. A step is filled
         # while the one before may not have run yet, so a set is rewritten only once its last copies are done.
         pin = device.type == "cuda"
         self.host_tokens = torch.zeros(2, 3, max_seqs, dtype=torch.int64, pin_memory=pin)
         self.host_seq_info = torch.zeros(2, 2 * max_seqs + 1, dtype=torch.int32, pin_memory=pin)
-        self.host_table = torch.zeros(2, max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.host_table = torch.zeros(2, max_seqs, max_pages_per_seq, dtype=torch.int32, pin_memory=pin)
         self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.turn = 0
 
     def fill(self, size: int, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
-             context_lens: list[int], block_tables: list[list[int]]) -> None:
+             context_lens: list[int], page_tables: list[list[int]]) -> None:
         """Copy in b <= size decodes and pad them to `size` sequences. `ids` may be a device tensor: the tokens
         the previous step sampled, not yet read back."""
         b, pad, turn = len(positions), size - len(positions), self.turn
@@ -58,9 +58,9 @@ class DecodeInputs:
         host_ids = ids if isinstance(ids, list) else [0] * b
         host_tokens[:, :size] = torch.tensor([host_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad])
         host_seq_info[:2 * size + 1] = torch.tensor(list(range(b + 1)) + [b] * pad + context_lens + [0] * pad)
-        width = max(len(t) for t in block_tables)
+        width = max(len(t) for t in page_tables)
         # Entries past a row's own pages may be stale from an earlier step: never read, the kernel stops at seqused_k.
-        fill_rows(host_table, block_tables)
+        fill_rows(host_table, page_tables)
         self.tokens[:, :size].copy_(host_tokens[:, :size], non_blocking=True)
         self.seq_info[:2 * size + 1].copy_(host_seq_info[:2 * size + 1], non_blocking=True)
         self.block_table[:b, :width].copy_(host_table[:b, :width], non_blocking=True)
@@ -84,11 +84,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_seqs: int,
-                 max_blocks_per_seq: int, block_size: int) -> None:
+                 max_pages_per_seq: int, page_size: int) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.buckets = batch_buckets(max_seqs)
         device = model.lm_head.weight.device
-        self.inputs = DecodeInputs(max_seqs, max_blocks_per_seq, block_size, device)
+        self.inputs = DecodeInputs(max_seqs, max_pages_per_seq, page_size, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
@@ -108,9 +108,9 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
     def forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], context_lens: list[int],
-                block_tables: list[list[int]]) -> torch.Tensor:
+                page_tables: list[list[int]]) -> torch.Tensor:
         """Hidden states [b, hidden] of b decodes (b at most the largest bucket), valid until the next replay."""
         size = self.bucket(len(positions))
-        self.inputs.fill(size, ids, positions, slots, context_lens, block_tables)
+        self.inputs.fill(size, ids, positions, slots, context_lens, page_tables)
         self.graphs[size].replay()
         return self.outputs[size][:len(positions)]

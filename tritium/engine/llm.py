@@ -1,12 +1,14 @@
 """`LLM`: offline batched generation shaped like vLLM's: text or token-id prompts, or chat conversations in;
 one `RequestOutput` per prompt out, in order, holding its n samples."""
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.sequence import Sequence
@@ -37,14 +39,19 @@ class RequestOutput:
 
 
 class LLM:
-    """LLM(model_dir, skip_tokenizer_init=False, **engine options); see `LLMEngine` for the options (dtype,
-    block_size, max_model_len, max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_blocks,
-    gpu_memory_utilization, enforce_eager). With skip_tokenizer_init=True prompts are token ids and outputs carry
-    no text."""
+    """LLM(model_dir, **options): the options are `EngineConfig`'s fields (dtype, block_size, max_model_len,
+    max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_pages, gpu_memory_utilization,
+    enforce_eager, tokenizer, skip_tokenizer_init ...), as vLLM's LLM takes them. With skip_tokenizer_init=True
+    prompts are token ids and outputs carry no text."""
 
-    def __init__(self, model: str, skip_tokenizer_init: bool = False, **engine_options) -> None:
-        self.engine = LLMEngine(model, skip_tokenizer_init=skip_tokenizer_init, **engine_options)
+    def __init__(self, model: str, **options) -> None:
+        self.engine = LLMEngine(model, EngineConfig.from_options(**options))
         self._request_ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, model: str, config: EngineConfig) -> "LLM":
+        """An LLM over an EngineConfig made elsewhere (the CLI builds one from its options)."""
+        return cls(model, **dataclasses.asdict(config))
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,

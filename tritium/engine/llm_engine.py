@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from tritium.engine.block_manager import BlockManager
+from tritium.engine.config import EngineConfig
 from tritium.engine.model_runner import ModelRunner
+from tritium.engine.page_pool import PagePool
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
@@ -27,26 +28,21 @@ class StepStats:
 
 
 class LLMEngine:
-    """The engine over a model folder, or over a `ModelConfig` with seeded random weights in its shape (benchmarks).
-    `tokenizer` names a folder to take the tokenizer from (default: the model's; none for random weights)."""
+    """The engine over a model folder, or over a `ModelConfig` with seeded random weights in its shape (benchmarks),
+    run as `config` says (an EngineConfig; its defaults when None)."""
 
-    def __init__(
-        self, model: str | Path | ModelConfig, dtype: str | torch.dtype = "auto", device: str | None = None,
-        block_size: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256, enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9, attention_backend: str | None = None, skip_tokenizer_init: bool = False,
-        tokenizer: str | Path | None = None, enforce_eager: bool = False,
-    ) -> None:
+    def __init__(self, model: str | Path | ModelConfig, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.config = config
+        tokenizer = config.tokenizer
         if tokenizer is None and not isinstance(model, ModelConfig):
             tokenizer = model
-        if tokenizer is None and not skip_tokenizer_init:
+        if tokenizer is None and not config.skip_tokenizer_init:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer(tokenizer)  # first: a missing file fails fast
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        # The tokenizer first: a missing file fails fast.
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(tokenizer)
+        device = config.torch_device()
+        dtype = config.torch_dtype(device)
         if isinstance(model, ModelConfig):
             self.model, self.eos_ids, self.sampling_defaults = random_model(model, dtype, device), set(), {}
         else:
@@ -55,21 +51,23 @@ class LLMEngine:
             self.eos_ids = _eos_ids(generation) | _eos_ids(_read_json(Path(model) / "config.json"))
             self.sampling_defaults = _sampling_defaults(generation, Path(model) / "generation_config.json")
         cfg = self.model.config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        if num_kv_blocks is None:
-            num_kv_blocks = _kv_blocks(self.model, device, block_size, gpu_memory_utilization, self.max_model_len)
-        if num_kv_blocks * block_size < self.max_model_len:
-            raise ValueError(f"{num_kv_blocks} KV pages of {block_size} tokens cannot hold one sequence of "
+        page_size = config.block_size
+        num_pages = config.num_kv_pages
+        if num_pages is None:
+            num_pages = _kv_pages(self.model, device, page_size, config.gpu_memory_utilization, self.max_model_len)
+        if num_pages * page_size < self.max_model_len:
+            raise ValueError(f"{num_pages} KV pages of {page_size} tokens cannot hold one sequence of "
                              f"max_model_len={self.max_model_len}")
-        backend = attention_backend or ("triton" if device.type == "cuda" else "reference")
-        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
+        backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
+        self.pages = PagePool(num_pages, page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pages, config.max_num_batched_tokens, config.max_num_seqs)
         # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
-        graphs = not enforce_eager and device.type == "cuda" and backend == "triton"
-        self.runner = ModelRunner(self.model, num_kv_blocks, block_size, backend, graphs, max_num_seqs,
-                                  self.max_model_len, max_num_batched_tokens)
+        graphs = not config.enforce_eager and device.type == "cuda" and backend == "triton"
+        self.runner = ModelRunner(self.model, num_pages, page_size, backend, graphs, config.max_num_seqs,
+                                  self.max_model_len, config.max_num_batched_tokens)
         self.last_step = StepStats(0, 0, 0)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
@@ -144,10 +142,10 @@ class LLMEngine:
         if any(seq.num_computed + n != len(seq) for seq, n in batch):  # a prefill chunk runs on next step
             return []
         seqs = [seq for seq, _ in batch if len(seq.output_ids) + 1 < seq.params.max_tokens]
-        if sum(self.blocks.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.blocks.num_free:
+        if sum(self.pages.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.pages.num_free:
             return []
         for seq in seqs:
-            self.blocks.grow(seq, len(seq) + 1)
+            self.pages.grow(seq, len(seq) + 1)
         return seqs
 
     def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
@@ -214,11 +212,11 @@ def _sampling_defaults(raw: dict, path: Path) -> dict:
     return defaults
 
 
-def _kv_blocks(model, device: torch.device, block_size: int, utilization: float, max_model_len: int) -> int:
+def _kv_pages(model, device: torch.device, page_size: int, utilization: float, max_model_len: int) -> int:
     """Pages that fit: free GPU memory times `utilization`; on the CPU, room for four full-length sequences."""
     cfg = model.config
-    page_bytes = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.lm_head.weight.element_size()
+    page_bytes = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * model.lm_head.weight.element_size()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * utilization) // page_bytes)
-    return 4 * -(-max_model_len // block_size)
+    return 4 * -(-max_model_len // page_size)

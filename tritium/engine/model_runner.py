@@ -47,12 +47,12 @@ class ModelRunner:
     the pages, so the only other case is that all of them ended: then it is dropped, and its K/V writes, at a
     position past what each sequence had cached, in a page the sequence owned, are never read."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: str, cuda_graphs: bool,
+    def __init__(self, model: LlamaForCausalLM, num_pages: int, page_size: int, backend: str, cuda_graphs: bool,
                  max_seqs: int, max_model_len: int, max_tokens: int) -> None:
         cfg = model.config
-        self.model, self.block_size, self.backend = model, block_size, backend
+        self.model, self.page_size, self.backend = model, page_size, backend
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [tuple(torch.empty(shape, dtype=dtype, device=device) for _ in "kv")
                           for _ in range(cfg.num_layers)]
         self.device = device
@@ -62,7 +62,7 @@ class ModelRunner:
             warm_up_attention(self.kv_caches[0], attn.num_heads, attn.scale, attn.sliding_window, max_tokens, max_seqs)
         self.graphs = None
         if cuda_graphs:
-            self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // block_size), block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // page_size), page_size)
         self.ahead: Launched | None = None
 
     @torch.inference_mode()
@@ -89,7 +89,7 @@ class ModelRunner:
                 slots.append(self._slot(seq, p))
             cu.append(cu[-1] + n)
             used.append(start + n)
-            tables.append(seq.block_table)
+            tables.append(seq.pages)
         hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
         done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
         last_rows = [cu[i + 1] - 1 for i in done]
@@ -108,12 +108,12 @@ class ModelRunner:
         positions = [len(s) for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
         used = [p + 1 for p in positions]
-        tables = [s.block_table for s in seqs]
+        tables = [s.pages for s in seqs]
         hidden = self._forward(tokens, positions, slots, list(range(len(seqs) + 1)), used, tables, 1)
         return Launched(seqs, positions, self._sample(hidden, seqs))
 
     def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         return sample(self.model.logits(hidden), [s.params for s in seqs], [self._generator(s) for s in seqs])

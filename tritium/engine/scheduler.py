@@ -9,15 +9,15 @@ requests always make progress and none is starved.
 
 from collections import deque
 
-from tritium.engine.block_manager import BlockManager
+from tritium.engine.page_pool import PagePool
 from tritium.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, pages: PagePool, max_num_batched_tokens: int, max_num_seqs: int) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        self.blocks = blocks
+        self.pages = pages
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -38,20 +38,20 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            while self.blocks.pages_missing(seq) > self.blocks.num_free:
+            while self.pages.pages_missing(seq) > self.pages.num_free:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq)
+                self.pages.grow(seq)
                 budget -= self._add(batch, seq, budget)
                 i += 1
                 continue
             break  # seq itself was preempted: nothing newer is left running
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not self.blocks.allocate_prompt(seq):
+            if not self.pages.allocate_prompt(seq):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -63,11 +63,11 @@ class Scheduler:
         """Put as many of the sequence's tokens as the budget allows into the batch; returns how many."""
         n = min(seq.num_uncomputed, budget)
         batch.append((seq, n))
-        self.blocks.commit_full_pages(seq, seq.num_computed + n)  # later samples of the same prompt share them now
+        self.pages.commit_full_pages(seq, seq.num_computed + n)  # later samples of the same prompt share them now
         return n
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free_sequence(seq)
+        self.pages.free_sequence(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -77,7 +77,7 @@ class Scheduler:
         dropped = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
         for seq in dropped:
             (self.waiting if seq.status is Status.WAITING else self.running).remove(seq)
-            self.blocks.free_sequence(seq)
+            self.pages.free_sequence(seq)
             seq.status = Status.FINISHED
             seq.finish_reason = "abort"
         return dropped
@@ -86,4 +86,4 @@ class Scheduler:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.running.remove(seq)
-        self.blocks.free_sequence(seq)
+        self.pages.free_sequence(seq)

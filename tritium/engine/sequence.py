@@ -26,7 +26,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)  # page ids, in order
+    pages: list[int] = field(default_factory=list)  # page ids, in order
     num_computed: int = 0  # tokens whose K/V are in the cache (prefix hits included)
     page_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its first full pages
     finish_reason: str | None = None
@@ -59,7 +59,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache and run prompt + outputs again as one prompt later."""
-        self.block_table = []
+        self.pages = []
         self.num_computed = 0
         self.page_hashes = []
         self.status = Status.WAITING

@@ -22,7 +22,7 @@ class AttentionMetadata:
 
     cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]: sequence i owns query tokens cu[i]:cu[i+1]
     seqused_k: torch.Tensor  # int32 [num_seqs]: cached tokens of each sequence after this step's writes
-    block_table: torch.Tensor  # int32 [num_seqs, max_blocks]
+    block_table: torch.Tensor  # int32 [num_seqs, max_pages]
     slot_mapping: torch.Tensor  # int64 [num_tokens]: cache slot of each new token, -1 for padding
     max_seqlen_q: int
     max_seqlen_k: int

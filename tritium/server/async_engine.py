@@ -181,8 +181,8 @@ class AsyncEngine:
         sched = self.engine.scheduler
         self.metrics.running.set(len({s.request_id for s in sched.running}))
         self.metrics.waiting.set(len({s.request_id for s in sched.waiting} - {s.request_id for s in sched.running}))
-        blocks = self.engine.blocks
-        self.metrics.kv_usage.set(1 - blocks.num_free / blocks.num_blocks)
+        pages = self.engine.pages
+        self.metrics.kv_usage.set(1 - pages.num_free / pages.num_pages)
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id, req in self._requests.items():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import uvicorn
 
+from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.models.config import ModelConfig
 from tritium.server.app import build_app
@@ -15,20 +16,20 @@ from tritium.server.metrics import ServerMetrics
 GRACE_SECONDS = 30
 
 
-def make_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, name: str | None = None,
-                **engine_options) -> uvicorn.Server:
+def make_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, config: EngineConfig,
+                name: str | None = None) -> uvicorn.Server:
     """A ready uvicorn server (not yet running) for a model folder, served under its folder name, or for random
     weights in a ModelConfig's shape, served under `name`."""
     metrics = ServerMetrics()
-    engine = AsyncEngine(LLMEngine(model, **engine_options), metrics)
+    engine = AsyncEngine(LLMEngine(model, config), metrics)
     app = build_app(engine, metrics, name or Path(model).name, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
     return uvicorn.Server(config)
 
 
-def run_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, name: str | None = None,
-               **engine_options) -> None:
-    server = make_server(model, host, port, api_key, name, **engine_options)
+def run_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, config: EngineConfig,
+               name: str | None = None) -> None:
+    server = make_server(model, host, port, api_key, config, name)
     name = name or Path(model).name
     if api_key is None:
         print(f"No --api-key: anyone who can reach {host}:{port} can use this server"

@@ -10,19 +10,21 @@ from collections import OrderedDict
 from tritium.engine.sequence import Sequence
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need at least one page of at least one token, got {num_blocks} x {block_size}")
-        self.block_size = block_size
+class PagePool:
+    """The page pool; the scheduler is its one owner (it allocates, grows and frees sequences' pages)."""
+
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True) -> None:
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"need at least one page of at least one token, got {num_pages} x {page_size}")
+        self.page_size = page_size
         self.prefix_caching = prefix_caching
-        self.ref_count = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # oldest first
+        self.ref_count = [0] * num_pages
+        self.page_hash: list[int | None] = [None] * num_pages
+        self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))  # oldest first
         self.cached: dict[int, int] = {}  # hash -> page holding those tokens
 
     @property
-    def num_blocks(self) -> int:
+    def num_pages(self) -> int:
         return len(self.ref_count)
 
     @property
@@ -31,28 +33,28 @@ class BlockManager:
 
     def _page_hash(self, prev: int, tokens: list[int], page: int) -> int:
         """The name of page `page` of `tokens`, chained to the previous page's name `prev` (0 for the first)."""
-        return hash((prev, tuple(tokens[page * self.block_size:(page + 1) * self.block_size])))
+        return hash((prev, tuple(tokens[page * self.page_size:(page + 1) * self.page_size])))
 
     def _hashes(self, tokens: list[int]) -> list[int]:
         hashes, prev = [], 0
-        for i in range(len(tokens) // self.block_size):
+        for i in range(len(tokens) // self.page_size):
             prev = self._page_hash(prev, tokens, i)
             hashes.append(prev)
         return hashes
 
     def _take(self) -> int:
         page, _ = self.free.popitem(last=False)
-        old = self.block_hash[page]
+        old = self.page_hash[page]
         if old is not None and self.cached.get(old) == page:
             del self.cached[old]
-        self.block_hash[page] = None
+        self.page_hash[page] = None
         self.ref_count[page] = 1
         return page
 
     def allocate_prompt(self, seq: Sequence) -> bool:
         """Give a waiting sequence pages for its whole context, reusing cached full pages; False if short."""
         tokens = seq.tokens
-        needed = -(-len(tokens) // self.block_size)
+        needed = -(-len(tokens) // self.page_size)
         hits, hashes = [], []
         if self.prefix_caching:
             # The last token must still run through the model to produce logits: never count it as cached.
@@ -70,41 +72,41 @@ class BlockManager:
             if self.ref_count[page] == 0:
                 del self.free[page]
             self.ref_count[page] += 1
-        seq.block_table = hits + [self._take() for _ in range(fresh)]
-        seq.num_computed = len(hits) * self.block_size
+        seq.pages = hits + [self._take() for _ in range(fresh)]
+        seq.num_computed = len(hits) * self.page_size
         seq.page_hashes = hashes[: len(hits)]
         return True
 
     def pages_missing(self, seq: Sequence, length: int | None = None) -> int:
         """Pages the sequence needs beyond those it holds, for `length` tokens (default: its current length)."""
-        return max(0, -(-(length or len(seq)) // self.block_size) - len(seq.block_table))
+        return max(0, -(-(length or len(seq)) // self.page_size) - len(seq.pages))
 
     def grow(self, seq: Sequence, length: int | None = None) -> None:
         """Add pages so `length` tokens (default: its current length) fit; the caller checked pages_missing <=
         num_free."""
         for _ in range(self.pages_missing(seq, length)):
-            seq.block_table.append(self._take())
+            seq.pages.append(self._take())
 
     def commit_full_pages(self, seq: Sequence, num_tokens: int) -> None:
         """Name the pages that are full once the first `num_tokens` tokens are in the cache, so that prompts
         allocated after this call share them, even in the same step (each layer writes K/V before attending)."""
         if not self.prefix_caching:
             return
-        full = num_tokens // self.block_size
+        full = num_tokens // self.page_size
         if full <= len(seq.page_hashes):
             return  # no page filled since the last call (most decode steps)
         tokens = seq.tokens
         for i in range(len(seq.page_hashes), full):
             h = self._page_hash(seq.page_hashes[-1] if seq.page_hashes else 0, tokens, i)
             seq.page_hashes.append(h)
-            page = seq.block_table[i]
-            if self.block_hash[page] is None and h not in self.cached:
-                self.block_hash[page] = h
+            page = seq.pages[i]
+            if self.page_hash[page] is None and h not in self.cached:
+                self.page_hash[page] = h
                 self.cached[h] = page
 
     def free_sequence(self, seq: Sequence) -> None:
-        for page in reversed(seq.block_table):  # tail pages first: they are the least likely to be shared
+        for page in reversed(seq.pages):  # tail pages first: they are the least likely to be shared
             self.ref_count[page] -= 1
             if self.ref_count[page] == 0:
                 self.free[page] = None
-        seq.block_table = []
+        seq.pages = []

@@ -1,0 +1,88 @@
+"""The engine's settings in one typed object, with vLLM's names: what `LLM(...)`, the CLI and the server pass down."""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+BACKENDS = ("triton", "reference")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model. Every field is checked on construction; a bad one raises ValueError naming it.
+
+    dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "bfloat16", "float16" or "float32".
+    device: "cuda", "cpu" ... (default: a GPU when there is one).
+    block_size: tokens per KV-cache page (vLLM's name for the page size).
+    max_model_len: longest prompt + output (default: the model's max_position_embeddings).
+    max_num_batched_tokens: the scheduler's token budget per step; max_num_seqs: sequences per step.
+    enable_prefix_caching: share the pages of identical prompt prefixes.
+    num_kv_pages: a fixed page-pool size (default: sized from free GPU memory times gpu_memory_utilization; on the
+        CPU room for four sequences of max_model_len).
+    enforce_eager: run decode steps eagerly, not as CUDA graphs.
+    attention_backend: "triton" (the unified kernel) or "reference" (PyTorch); default triton on a GPU, reference
+        on the CPU.
+    tokenizer: a folder to take the tokenizer from (default: the model's); skip_tokenizer_init: load none (prompts
+        and outputs are token ids).
+    """
+
+    dtype: str = "auto"
+    device: str | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    num_kv_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    attention_backend: str | None = None
+    tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 is as good as "bfloat16"
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_model_len", "num_kv_pages"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if self.attention_backend not in (None, *BACKENDS):
+            raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
+        for name in ("device", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        """An EngineConfig from keyword options (what `LLM(model, **options)` takes); an unknown name raises
+        ValueError listing the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown engine option {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        return cls(**options)
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
