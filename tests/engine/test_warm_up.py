@@ -17,7 +17,7 @@ def test_every_step_shape_gets_a_warmed_variant(table, heads, monkeypatch):
         monkeypatch.setattr(configs, "device_key", lambda device: H100)
         monkeypatch.setattr(configs, "multiprocessor_count", lambda device: 132)
         assert configs.load_tables()[H100]
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
     max_tokens, max_seqs, cpu = 600, 40, torch.device("cpu")
     warmed = set(attention_variants(cpu, max_tokens, max_seqs, *heads, 16))
     assert len(warmed) == len(attention_variants(cpu, max_tokens, max_seqs, *heads, 16))  # distinct
@@ -25,7 +25,7 @@ def test_every_step_shape_gets_a_warmed_variant(table, heads, monkeypatch):
         for t in range(s, max_tokens + 1):
             config = configs.choose_config(cpu, t, s, *heads, 16)
             assert variant(config) in warmed, (t, s, config)
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
 
 
 def test_step_shapes_fit_the_budget():

@@ -302,13 +302,13 @@ def test_splits_agree(kind, features, splits, gen):
 
 @pytest.fixture
 def launched_configs(monkeypatch) -> list[AttentionConfig]:
-    """The configuration of every kernel launch (the last argument of kernel.launch) during the test."""
+    """The configuration of every kernel launch (its plan's) during the test."""
     seen = []
     launch = kernel.launch
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("config", args[-1]))
-        return launch(*args, **kwargs)
+    def spy(plan, **kwargs):
+        seen.append(plan.config)
+        return launch(plan, **kwargs)
 
     monkeypatch.setattr(kernel, "launch", spy)
     return seen

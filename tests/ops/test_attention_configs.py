@@ -24,14 +24,14 @@ def entry(block_m: int = 16, tile_k: int = 32, num_splits: int = 1, num_warps: i
 def cache_dir(tmp_path, monkeypatch):
     """An empty user cache of our own; the memoized tables are dropped before and after."""
     monkeypatch.setenv("TRITIUM_CACHE_DIR", str(tmp_path))
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
     yield tmp_path
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
 
 
 def write_cache(cache_dir, tables: dict) -> None:
     (cache_dir / "attention_configs.json").write_text(json.dumps(tables))
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
 
 
 # --- problem_class ---

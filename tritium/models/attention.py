@@ -5,12 +5,12 @@ Two backends compute the same function: "triton" (Tritium's unified kernel, the 
 interpreter on a CPU) and "reference" (plain PyTorch, the quick path on a CPU).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from tritium.ops import rotary_and_cache, unified_attention
-from tritium.ops.attention import window_size
+from tritium.ops import rotary_and_cache
+from tritium.ops.attention import PreparedAttention, prepare_attention, window_size
 from tritium.ops.attention.reference import attention_reference
 
 BACKENDS = ("triton", "reference")
@@ -27,6 +27,9 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     backend: str = "triton"
+    # The step's prepared kernel calls, one per kind of layer (window, soft-cap, scale): checked and planned at the
+    # first layer, launched as they are at the others.
+    prepared: dict[tuple, PreparedAttention] = field(default_factory=dict)
 
 
 def paged_attention(
@@ -39,8 +42,12 @@ def paged_attention(
     window = window_size(sliding_window)
     if meta.backend == "triton":
         out = torch.empty_like(q)
-        return unified_attention(q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k,
-                                 meta.max_seqlen_k, scale, True, window, meta.block_table, 0.0, None, None, None)
+        call = meta.prepared.get((window, scale))
+        if call is None:
+            call = meta.prepared[(window, scale)] = prepare_attention(
+                q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k, meta.max_seqlen_k,
+                scale, True, window, meta.block_table, 0.0, None, None, None)
+        return call.run(q, k_cache, v_cache, out)
     out, _ = attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seqused_k, meta.block_table, scale,
                                  window_size=window, dtype=torch.float32)
     return out.to(q.dtype)

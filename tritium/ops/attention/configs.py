@@ -175,6 +175,22 @@ def _table_choice(key: str) -> TableChoice:
     return choose_table(load_tables(), key)
 
 
+_generation = 0
+
+
+def reload_tables() -> None:
+    """Forget the loaded tables, and the launch plans chosen from them: the next lookup reads the files again
+    (after `tritium tune` or the engine's auto-tune wrote new entries)."""
+    global _generation
+    _generation += 1
+    _table_choice.cache_clear()
+
+
+def tables_generation() -> int:
+    """Bumped by each `reload_tables`: part of the key under which launch plans are kept."""
+    return _generation
+
+
 def table_choice(device: torch.device) -> TableChoice:
     """Which tuned table this device runs with (its own, a sibling's, or none) and where it comes from."""
     return _table_choice(device_key(device))

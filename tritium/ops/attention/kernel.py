@@ -24,6 +24,8 @@ Scores are kept in log2 units: the softmax scale (times the fp8 K scale) and log
 multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -325,69 +327,70 @@ def tma_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
     """Whether tensor descriptors can fetch this launch's K/V tiles: the device has a tensor-memory accelerator
     (CUDA compute capability 9 or later; Triton's interpreter emulates one), a tile lies within one page, K/V
     are contiguous caches in q's dtype with a power-of-two head size (the descriptor's zero fill would
-    otherwise read the next head) and row coordinates fit the descriptor's int32."""
+    otherwise read the next head) and row coordinates fit the descriptor's int32. The caches' addresses must be
+    16-byte aligned too, which `launch` checks on each call."""
     if not (has_tma(q.device) or q.device.type == "cpu"):
         return False
-    num_blocks, page_size, num_kv_heads, head_dim = k_cache.shape
+    num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
     return (page_size % tile_k == 0 and head_dim & (head_dim - 1) == 0 and k_cache.dtype == q.dtype
-            and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0 and num_blocks * page_size < 2**31)
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and num_pages * page_size < 2**31)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about a launch that the batch's shapes, dtypes, features and config fix: the grids and the
+    compile-time arguments of both kernels. `unified.py` makes one per batch shape and reuses it."""
+
+    config: AttentionConfig
+    grid: tuple[int, int, int]
+    constexprs: dict
+    merge_constexprs: dict
+    head_dim_pad: int
+    use_tma: bool
 
 
 def launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
-    alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-    softmax_scale: float, softcap: float, window: tuple[int, int], causal: bool, config: AttentionConfig,
+    plan: LaunchPlan, *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
+    alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, softmax_scale: float, softcap: float, window: tuple[int, int],
 ) -> None:
     """Launch on already validated arguments: the attention kernel, then the split merge when splitting."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_seqs = cu_seqlens_q.numel() - 1
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    tokens_per_tile = config.block_m // group
-    splits = config.num_splits
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    splits = plan.config.num_splits
     partial_out = partial_lse = q  # placeholders, never touched without splits
     if splits > 1:
-        partial_out = torch.empty(splits, num_tokens, num_q_heads, head_dim_pad, dtype=torch.float32, device=q.device)
+        partial_out = torch.empty(splits, num_tokens, num_q_heads, plan.head_dim_pad, dtype=torch.float32,
+                                  device=q.device)
         partial_lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     unused = q  # pointer for switched-off features
     k_desc = v_desc = None
-    if config.tma and tma_applies(q, k_cache, v_cache, config.tile_k):
+    if plan.use_tma and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0:
+        page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         view_shape, view_strides = [k_cache.shape[0] * page_size, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1]
-        k_desc = TensorDescriptor(k_cache, view_shape, view_strides, [config.tile_k, head_dim])
-        v_desc = TensorDescriptor(v_cache, view_shape, view_strides, [config.tile_k, head_dim])
-    grid = (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
-    unified_attention_kernel[grid](
-        q, k_cache, v_cache, k_desc, v_desc, out, unused if lse is None else lse,
-        partial_out, partial_lse,
-        cu_seqlens_q, seqused_k, block_table,
-        unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
-        unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
-        softmax_scale, softcap, window[0], window[1],
-        num_seqs, num_q_heads, num_tokens, splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0), 0 if lse is None else lse.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group,
-        BLOCK_M=config.block_m, TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
-        TILE_IN_PAGE=page_size % config.tile_k == 0, PAGE_LOOKAHEAD=config.page_lookahead == 1,
-        # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        SPLIT_KEYS=splits > 1, CAUSAL=causal, USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
-        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, KV_SCALED=k_scale is not None,
-        WRITE_LSE=lse is not None, USE_TMA=k_desc is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        k_desc = TensorDescriptor(k_cache, view_shape, view_strides, [plan.config.tile_k, head_dim])
+        v_desc = TensorDescriptor(v_cache, view_shape, view_strides, [plan.config.tile_k, head_dim])
+    unified_attention_kernel[plan.grid](
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, k_desc=k_desc, v_desc=v_desc, out_ptr=out,
+        lse_ptr=unused if lse is None else lse, partial_out_ptr=partial_out, partial_lse_ptr=partial_lse,
+        cu_seqlens_q_ptr=cu_seqlens_q, seqused_k_ptr=seqused_k, block_table_ptr=block_table,
+        alibi_slopes_ptr=unused if alibi_slopes is None else alibi_slopes, sinks_ptr=unused if sinks is None else sinks,
+        k_scale_ptr=unused if k_scale is None else k_scale, v_scale_ptr=unused if v_scale is None else v_scale,
+        softmax_scale=softmax_scale, softcap=softcap, window_left=window[0], window_right=window[1],
+        num_seqs=num_seqs, num_q_heads=num_q_heads, num_tokens=num_tokens, num_splits=splits,
+        stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_o_token=out.stride(0),
+        stride_o_head=out.stride(1), stride_k_block=k_cache.stride(0), stride_k_slot=k_cache.stride(1),
+        stride_k_head=k_cache.stride(2), stride_v_block=v_cache.stride(0), stride_v_slot=v_cache.stride(1),
+        stride_v_head=v_cache.stride(2), stride_bt_seq=block_table.stride(0),
+        stride_lse_head=0 if lse is None else lse.stride(0),
+        USE_TMA=k_desc is not None, **plan.constexprs,
     )
     if splits > 1:
         merge_splits_kernel[(num_tokens, num_q_heads)](
-            partial_out, partial_lse, out, unused if lse is None else lse, cu_seqlens_q,
-            num_seqs, num_tokens, num_q_heads, splits,
-            out.stride(0), out.stride(1), 0 if lse is None else lse.stride(0),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            SPLITS_PAD=triton.next_power_of_2(splits), WRITE_LSE=lse is not None,
-            num_warps=4 if head_dim_pad >= 128 else 2,
+            partial_out_ptr=partial_out, partial_lse_ptr=partial_lse, out_ptr=out,
+            lse_ptr=unused if lse is None else lse, cu_seqlens_q_ptr=cu_seqlens_q,
+            num_seqs=num_seqs, num_tokens=num_tokens, num_q_heads=num_q_heads, num_splits=splits,
+            stride_o_token=out.stride(0), stride_o_head=out.stride(1),
+            stride_lse_head=0 if lse is None else lse.stride(0), **plan.merge_constexprs,
         )

@@ -1,9 +1,13 @@
-"""`unified_attention`: vLLM's calling convention over Tritium's kernel, with every argument checked first."""
+"""`unified_attention`: vLLM's calling convention over Tritium's kernel, with every argument checked first;
+`prepare_attention` checks and plans a call once for many launches (one per layer)."""
+
+from dataclasses import dataclass
 
 import torch
+import triton
 
 from tritium.ops.attention import kernel
-from tritium.ops.attention.configs import AttentionConfig, choose_config
+from tritium.ops.attention.configs import AttentionConfig, choose_config, tables_generation
 from tritium.ops.kv_cache import FP8_KV_DTYPE
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,25 +52,147 @@ def unified_attention(
     Tokens past cu_seqlens_q[-1] are padding and their rows of `out` are left as they are.
     Returns `out`, or (out, lse) with the natural-log log-sum-exp [num_q_heads, num_tokens] in float32.
     """
-    _check(q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_k, softmax_scale, window_size, block_table,
-           softcap, q_descale, k_descale, v_descale, alibi_slopes, sinks)
+    return prepare_attention(
+        q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal, window_size,
+        block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes, sinks, return_lse=return_lse,
+        config=config).run(q, k, v, out)
+
+
+@dataclass(frozen=True)
+class PreparedAttention:
+    """A checked `unified_attention` call and its launch plan. `run` launches it on q/k/v/out of the shapes,
+    dtypes and strides it was prepared with: the engine prepares each step once and runs it on every layer."""
+
+    plan: "kernel.LaunchPlan | None"  # None: no query token or no sequence, nothing to launch
+    q_shape: torch.Size
+    kv_shape: torch.Size
+    cu_seqlens_q: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    k_descale: torch.Tensor | None
+    v_descale: torch.Tensor | None
+    alibi_slopes: torch.Tensor | None
+    sinks: torch.Tensor | None
+    softmax_scale: float
+    softcap: float
+    window: tuple[int, int]
+    return_lse: bool
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if q.shape != self.q_shape or k.shape != self.kv_shape:
+            raise ValueError(f"prepared for q {tuple(self.q_shape)} and caches {tuple(self.kv_shape)}, got "
+                             f"{tuple(q.shape)} and {tuple(k.shape)}")
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if self.return_lse else None
+        if self.plan is not None:
+            kernel.launch(self.plan, q=q, k_cache=k, v_cache=v, out=out, lse=lse, cu_seqlens_q=self.cu_seqlens_q,
+                          seqused_k=self.seqused_k, block_table=self.block_table, alibi_slopes=self.alibi_slopes,
+                          sinks=self.sinks, k_scale=self.k_descale, v_scale=self.v_descale,
+                          softmax_scale=self.softmax_scale, softcap=self.softcap, window=self.window)
+        return (out, lse) if self.return_lse else out
+
+
+def prepare_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int, seqused_k: torch.Tensor, max_seqlen_k: int, softmax_scale: float, causal: bool,
+    window_size: tuple[int, int], block_table: torch.Tensor, softcap: float, q_descale: torch.Tensor | None,
+    k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, *, return_lse: bool = False, config: AttentionConfig | None = None,
+) -> PreparedAttention:
+    """Check a `unified_attention` call (same arguments) and plan its launch, without launching it.
+
+    The tensor checks and the plan depend only on shapes, dtypes, devices, strides and switches: they run once per
+    such signature and are kept (an eager decode call otherwise spent more time in them than on the GPU).
+    """
+    window = _check_scalars(softmax_scale, softcap, window_size)
+    key = (_signature(q), _signature(k), _signature(v), _signature(out), _signature(cu_seqlens_q),
+           _signature(seqused_k), _signature(block_table), _signature(q_descale), _signature(k_descale),
+           _signature(v_descale), _signature(alibi_slopes), _signature(sinks), bool(causal), window != (-1, -1),
+           softcap > 0, bool(return_lse), config, tables_generation())
+    plan = _PLANS.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes,
+               sinks)
+        plan = plan_launch(q, k, v, cu_seqlens_q, causal, window, softcap, alibi_slopes is not None,
+                           sinks is not None, return_lse, config)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if block_table.shape[1] * k.shape[1] < max_seqlen_k:
+        raise ValueError(f"block_table is too short: {block_table.shape[1]} blocks of {k.shape[1]} tokens cannot "
+                         f"hold max_seqlen_k={max_seqlen_k} keys")
+    fp8 = k.dtype == FP8_KV_DTYPE
+    return PreparedAttention(
+        plan=plan, q_shape=q.shape, kv_shape=k.shape, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
+        block_table=block_table, k_descale=k_descale if fp8 else None, v_descale=v_descale if fp8 else None,
+        alibi_slopes=alibi_slopes, sinks=sinks, softmax_scale=float(softmax_scale), softcap=float(softcap),
+        window=window, return_lse=bool(return_lse))
+
+
+# Launch plans by call signature. Eager engine steps bring a new token count each (a new signature), so the table
+# is bounded; the engine itself prepares each step once (`models/attention.py`).
+_PLANS: dict[tuple, "kernel.LaunchPlan | None"] = {}
+_MAX_PLANS = 512
+_UNSEEN = object()
+
+
+def _signature(t: object) -> tuple | type:
+    """What the checks and the plan read of an argument: a tensor's shape, strides, dtype and device."""
+    if isinstance(t, torch.Tensor):
+        return t.shape, t.stride(), t.dtype, t.device
+    return type(t)
+
+
+def plan_launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, causal: bool,
+    window: tuple[int, int], softcap: float, alibi: bool, sinks: bool, return_lse: bool,
+    config: AttentionConfig | None = None,
+) -> "kernel.LaunchPlan | None":
+    """The launch plan of a checked batch: its config (`choose_config` unless given), grids and compile-time
+    arguments; None for a batch with no query token or no sequence."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    num_seqs = cu_seqlens_q.numel() - 1
+    num_pages, page_size, num_kv_heads, _ = k.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return None
     if config is None:
-        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, k.shape[1])
-    config.validate(num_q_heads // num_kv_heads)
-    lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=q.device) if return_lse else None
-    if num_tokens > 0 and num_seqs > 0:
-        kernel.launch(q, k, v, out, lse, cu_seqlens_q, seqused_k, block_table, alibi_slopes, sinks,
-                      k_descale if k.dtype == FP8_KV_DTYPE else None, v_descale if v.dtype == FP8_KV_DTYPE else None,
-                      float(softmax_scale), float(softcap), (int(window_size[0]), int(window_size[1])),
-                      bool(causal), config)
-    return (out, lse) if return_lse else out
+        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size)
+    group = num_q_heads // num_kv_heads
+    config.validate(group)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    tokens_per_tile = config.block_m // group
+    splits = config.num_splits
+    constexprs = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_M=config.block_m,
+        TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
+        TILE_IN_PAGE=page_size % config.tile_k == 0, PAGE_LOOKAHEAD=config.page_lookahead == 1,
+        # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLIT_KEYS=splits > 1, CAUSAL=bool(causal), USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
+        USE_ALIBI=alibi, USE_SINKS=sinks, KV_SCALED=k.dtype == FP8_KV_DTYPE, WRITE_LSE=bool(return_lse),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    merge_constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(splits),
+                            WRITE_LSE=bool(return_lse), num_warps=4 if head_dim_pad >= 128 else 2)
+    return kernel.LaunchPlan(
+        config=config, grid=(num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits), constexprs=constexprs,
+        merge_constexprs=merge_constexprs, head_dim_pad=head_dim_pad,
+        use_tma=bool(config.tma) and kernel.tma_applies(q, k, v, config.tile_k))
 
 
-def _check(q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_k, softmax_scale, window_size, block_table,
-           softcap, q_descale, k_descale, v_descale, alibi_slopes, sinks) -> None:
+def _check_scalars(softmax_scale: float, softcap: float, window_size: tuple[int, int]) -> tuple[int, int]:
+    """Check the arguments that are numbers, not tensors; returns the window as two ints."""
+    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    if not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0 switches it off), got {softcap}")
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"window_size must be (left, right) with each >= -1, got {window_size}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes,
+           sinks) -> None:
     """Raise a ValueError naming the first argument that the kernel cannot take."""
     tensors = {"q": q, "k": k, "v": v, "out": out, "cu_seqlens_q": cu_seqlens_q, "seqused_k": seqused_k,
                "block_table": block_table}
@@ -92,7 +218,7 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_k, softmax_scale, w
             raise ValueError(f"{name} has dtype {t.dtype}; it must be q's dtype ({q.dtype}) or float8_e4m3fn")
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"k and v must agree: {tuple(k.shape)} {k.dtype} vs {tuple(v.shape)} {v.dtype}")
-    num_kv_heads, block_size = k.shape[2], k.shape[1]
+    num_kv_heads = k.shape[2]
     if k.shape[3] != head_dim:
         raise ValueError(f"k has head size {k.shape[3]} but q has {head_dim}")
     if not 16 <= head_dim <= MAX_HEAD_DIM or head_dim % 16:
@@ -117,15 +243,6 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, max_seqlen_k, softmax_scale, w
         raise ValueError(f"block_table must be [num_seqs >= {num_seqs}, max_blocks], got {tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise ValueError("block_table must be contiguous in its last dimension")
-    if block_table.shape[1] * block_size < max_seqlen_k:
-        raise ValueError(f"block_table is too short: {block_table.shape[1]} blocks of {block_size} tokens cannot "
-                         f"hold max_seqlen_k={max_seqlen_k} keys")
-    if not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 switches it off), got {softcap}")
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size must be (left, right) with each >= -1, got {window_size}")
     if q_descale is not None:
         raise ValueError("q_descale is not supported: queries are float16/bfloat16/float32, not fp8")
     if k.dtype == FP8_KV_DTYPE:
