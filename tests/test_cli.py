@@ -96,7 +96,8 @@ def report() -> dict:
     return {
         "environment": {"card": "Test Card", "torch": "9.9", "triton": "8.8", "date": "2030-01-02 03:04 UTC",
                         "commit": "abc1234"},
-        "page_size": 16, "dtype": "bfloat16",
+        "page_size": 16, "dtype": "bfloat16", "eager": False,
+        "attention_table": "sibling's tuned table (some:key, 3 classes)",
         "ceilings": {"bf16_gemm_tflops": 800.0, "copy_tb_per_s": 3.0},
         "peers": {"tritium": "ours", "fa3": "theirs", "vllm_triton": "vLLM"},
         "peers_missing": ["sdpa_flash (needs CUDA)", "torch_varlen (ImportError: nope)"],
@@ -125,6 +126,7 @@ def test_format_table():
     lines = text.splitlines()
     assert lines[0] == "Test Card | torch 9.9 | triton 8.8 | bfloat16 | page 16 | 2030-01-02 03:04 UTC | commit abc1234"
     assert "ceilings: bf16 GEMM 800 TFLOP/s, copy 3.00 TB/s" in text
+    assert "tritium's configs: sibling's tuned table (some:key, 3 classes)" in text
     header = next(line for line in lines if line.startswith("scenario"))
     assert header.split() == ["scenario", "tritium", "ms", "TFLOP/s", "TB/s", "%", "floor", "vs", "fa3",
                               "fa3", "ms", "vllm_triton", "ms"]

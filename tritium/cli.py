@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--scenario", action="append", metavar="TEXT",
                          help="run only scenarios whose name contains TEXT (repeatable)")
     kernels.add_argument("--peer", action="append", metavar="NAME", help="time only these peers (repeatable)")
+    kernels.add_argument("--eager", action="store_true",
+                         help="time each call as made (host cost included) instead of CUDA-graph replays")
     kernels.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
 
     throughput = suites.add_parser("throughput", help="engine generation speed on random prompts, beside transformers")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if peers and "tritium" not in peers:
             peers = ["tritium", *peers]
         try:
-            run_kernel_bench(args.scenario, args.page_size, getattr(torch, args.dtype), args.quick, peers, args.out)
+            run_kernel_bench(args.scenario, args.page_size, getattr(torch, args.dtype), args.quick, peers, args.out,
+                             args.eager)
         except ValueError as exc:
             parser.error(str(exc))
     elif args.command == "bench" and args.suite == "throughput":

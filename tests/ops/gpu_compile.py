@@ -113,8 +113,8 @@ def _install_compiler():
 def _run_attention(case):
     import torch
 
-    from tritium.bench.batches import random_paged_batch
     from tritium.ops import AttentionConfig, unified_attention
+    from tritium.ops.attention.batches import random_paged_batch
 
     q_dtype, kv_dtype, d, hq, hkv, page, config, features = case
     batch = random_paged_batch([(5, 40), (1, 17)], hq, hkv, d, page, dtype=getattr(torch, q_dtype),

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritium.bench.batches import PagedBatch
 from tritium.ops import AttentionConfig, attention_reference, unified_attention
+from tritium.ops.attention.batches import PagedBatch
 
 NAN = float("nan")
 

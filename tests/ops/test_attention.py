@@ -26,9 +26,9 @@ from tests.ops.helpers import (
     static_like,
     sub_batch,
 )
-from tritium.bench.batches import random_paged_batch
 from tritium.ops import AttentionConfig, unified_attention
 from tritium.ops.attention import kernel
+from tritium.ops.attention.batches import random_paged_batch
 
 FP8 = torch.float8_e4m3fn
 

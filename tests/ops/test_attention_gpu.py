@@ -26,9 +26,9 @@ from tests.ops.helpers import (
     rel_err,
     static_like,
 )
-from tritium.bench.batches import random_paged_batch
 from tritium.ops import AttentionConfig, unified_attention, write_kv_cache
 from tritium.ops.attention import kernel
+from tritium.ops.attention.batches import random_paged_batch
 from tritium.ops.attention.configs import has_tma
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from tests.ops.helpers import NAN, OUT_BOUND, check, reference
-from tritium.bench.batches import PagedBatch
 from tritium.ops import unified_attention, write_kv_cache
+from tritium.ops.attention.batches import PagedBatch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tritium.bench.batches import random_paged_batch, reference_sample
 from tritium.bench.ceilings import measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.peers import available_peers
 from tritium.bench.plots import plot_speed_vs_baseline
 from tritium.bench.scenarios import load_scenarios, select_scenarios
-from tritium.bench.timing import median_ms
+from tritium.ops.attention.batches import random_paged_batch, reference_sample
+from tritium.ops.attention.configs import table_choice
+from tritium.ops.timing import median_ms
 
 BASELINE = "fa3"
 ERROR_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
@@ -30,8 +31,10 @@ def run_kernel_bench(
     quick: bool = False,
     peer_names: list[str] | None = None,
     out_dir: Path = Path("benchmarks/results"),
+    eager: bool = False,
 ) -> dict:
-    """Run the suite and write JSON + PNG into out_dir; returns the report."""
+    """Run the suite and write JSON + PNG into out_dir; returns the report. With `eager`, every call is timed as
+    it is made (host cost included), not as a CUDA-graph replay."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpreted = device.type != "cuda"
     if interpreted:
@@ -48,7 +51,10 @@ def run_kernel_bench(
     report = {"environment": env, "page_size": page_size, "dtype": str(dtype).removeprefix("torch."),
               "quick": quick or interpreted, "interpreted": interpreted, "ceilings": ceilings,
               "timing": "wall clock, one run" if interpreted else
+              "median of triton.testing.do_bench over eager calls (host cost included), L2 flushed before each"
+              if eager else
               "median of triton.testing.do_bench over CUDA-graph replays of one call, L2 flushed before each",
+              "eager": eager, "attention_table": table_choice(device).describe(),
               "peers": {p.name: p.description for p in peers}, "peers_missing": missing, "scenarios": []}
 
     for sc in tqdm(scenarios, desc="scenarios", unit="scenario"):
@@ -67,7 +73,7 @@ def run_kernel_bench(
                 _sync(device)
                 got = result()[rows].double()
                 row["rel_err"][peer.name] = ((got - ref).norm() / ref.norm()).item()
-                row["ms"][peer.name], row["timing"][peer.name] = median_ms(run, device)
+                row["ms"][peer.name], row["timing"][peer.name] = median_ms(run, device, graph=not eager)
             except Exception as exc:  # a peer failing one scenario is reported, not fatal
                 row["errors"][peer.name] = f"{type(exc).__name__}: {exc}"[:300]
         if ceilings:
@@ -118,9 +124,10 @@ def format_table(report: dict, bound: float) -> str:
     if report["ceilings"]:
         c = report["ceilings"]
         text.append(f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, copy {c['copy_tb_per_s']:.2f} TB/s")
+    text.append(f"tritium's configs: {report['attention_table']}")
     text += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
     eager = sorted({p for r in report["scenarios"] for p, how in r.get("timing", {}).items() if how == "eager"})
-    if eager:
+    if eager and not report["eager"]:
         text.append("timed eagerly (not capturable in a CUDA graph): " + ", ".join(eager))
     if report["peers_missing"]:
         text.append("not run: " + "; ".join(report["peers_missing"]))
@@ -143,6 +150,6 @@ def _sync(device: torch.device) -> None:
 def _stem(report: dict) -> str:
     card = report["environment"]["card"].replace(" ", "_").replace("(", "").replace(")", "")
     date = report["environment"]["date"][:10]
-    quick = "-quick" if report["quick"] else ""
+    quick = ("-quick" if report["quick"] else "") + ("-eager" if report["eager"] else "")
     commit = report["environment"]["commit"].replace("+local-changes", "-dirty")
     return f"kernels-{card}-{report['dtype']}-page{report['page_size']}{quick}-{date}-{commit}"

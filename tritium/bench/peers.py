@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tritium.bench.batches import PagedBatch
 from tritium.bench.scenarios import Scenario
 from tritium.ops import unified_attention
+from tritium.ops.attention.batches import PagedBatch
 
 Built = tuple[Callable[[], object], Callable[[], torch.Tensor]] | None
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tritium.bench.batches import PagedBatch, random_paged_batch, reference_sample
 from tritium.bench.scenarios import Scenario, load_scenarios, select_scenarios
-from tritium.bench.timing import median_ms
 from tritium.ops.attention import AttentionConfig, unified_attention
+from tritium.ops.attention.batches import PagedBatch, random_paged_batch, reference_sample
 from tritium.ops.attention.configs import (
     class_fields,
     default_config,
@@ -34,6 +33,7 @@ from tritium.ops.attention.configs import (
     user_cache_path,
 )
 from tritium.ops.devices import device_key
+from tritium.ops.timing import median_ms
 
 ERROR_BOUND = 2e-2  # bf16/fp16 output against the float32 reference
 CONFIGS_PER_JOB = 4  # small jobs keep every compiling worker busy to the end

@@ -1,10 +1,10 @@
-"""Random paged batches (tritium/bench/batches.py): their layout, the fp8 variant, and the sampled reference."""
+"""Random paged batches (tritium/ops/attention/batches.py): their layout, the fp8 variant, and the sampled reference."""
 
 import pytest
 import torch
 
-from tritium.bench.batches import FP8_KV_DTYPE, random_paged_batch, reference_sample
 from tritium.ops import attention_reference
+from tritium.ops.attention.batches import FP8_KV_DTYPE, random_paged_batch, reference_sample
 
 SEQS = [(3, 20), (1, 1), (16, 16), (0, 7), (5, 37), (2, 33)]
 
