@@ -1,6 +1,7 @@
 """The `tritium` command: argument parsing only; the work happens in the layers below."""
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="JSON file to merge the winners into (default: the user cache the kernel reads)")
 
     args = parser.parse_args(argv)
+    # The engine's start-up notes (which tuned table the kernel runs with, the auto-tune) go to standard error.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tritium").setLevel(logging.INFO)
     if args.command == "generate":
         _generate(parser, args)
     elif args.command == "serve":
@@ -182,6 +186,9 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly, not as CUDA graphs")
+    parser.add_argument("--no-auto-tune", action="store_true",
+                        help="do not tune, at start, the attention classes this GPU's tuned table lacks "
+                        "(TRITIUM_AUTO_TUNE=0 does the same)")
 
 
 def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
@@ -191,7 +198,8 @@ def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
     return EngineConfig(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, **extra)
+                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+                        auto_tune=not args.no_auto_tune, **extra)
 
 
 def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

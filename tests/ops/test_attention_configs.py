@@ -247,7 +247,7 @@ def test_cache_entries_may_leave_out_defaulted_fields(cache_dir):
 
 def test_missing_cache_file_is_fine(cache_dir):
     assert not (cache_dir / "attention_configs.json").exists()
-    assert configs._table_choice("cpu").entries == {}
+    assert configs._table_choice("cpu").own == {}
     assert configs.lookup_tuned(CPU, DECODE_P128) is None
 
 
@@ -324,14 +324,17 @@ def test_sibling_fallback_scales_splits_by_multiprocessors(cache_dir, monkeypatc
     the multiprocessor ratio; with entries of its own it takes those."""
     fake = "nvidia:NVIDIA H100 Fake:cc90:sm66"  # half the H100's multiprocessors
     monkeypatch.setattr(configs, "device_key", lambda device: fake)
-    write_cache(cache_dir, {H100: {DECODE_P128: entry(16, 32, 8, 4, 3), "prefill-g4-d128-pg16": entry(128, 64)}})
+    sibling = {DECODE_P128: entry(16, 32, 8, 4, 3), "prefill-g4-d128-pg16": entry(128, 64)}
+    write_cache(cache_dir, {H100: sibling})
     choice = configs.table_choice(CPU)
-    assert (choice.source, choice.table_key, choice.sm_ratio) == ("sibling", H100, 0.5)
+    assert (choice.source, choice.sibling_key, choice.sm_ratio) == ("sibling", H100, 0.5)
     assert configs.lookup_tuned(CPU, DECODE_P128) == AttentionConfig(16, 32, 4, 4, 3)
     assert configs.lookup_tuned(CPU, "prefill-g4-d128-pg16") == AttentionConfig(128, 64)  # never split
-    write_cache(cache_dir, {fake: {DECODE_P128: entry(16, 64, 3)}})
+    write_cache(cache_dir, {H100: sibling, fake: {DECODE_P128: entry(16, 64, 3)}})
     assert configs.table_choice(CPU).source == "own"
     assert configs.lookup_tuned(CPU, DECODE_P128) == AttentionConfig(16, 64, 3)
+    # A class the device's own entries lack still comes from the sibling (an exact class before a near one).
+    assert configs.lookup_tuned(CPU, "prefill-g4-d128-pg16") == AttentionConfig(128, 64)
 
 
 def test_other_architecture_derives(cache_dir, monkeypatch):

@@ -21,20 +21,21 @@ def test_key_round_trips():
 def test_own_table_wins():
     tables = {H200: {"a": {}}, H100: {"b": {}}}
     choice = choose_table(tables, H200)
-    assert (choice.source, choice.table_key, choice.entries, choice.sm_ratio) == ("own", H200, {"a": {}}, 1.0)
-    assert "this device" in choice.describe()
+    assert (choice.source, choice.own, choice.sibling, choice.sibling_key) == ("own", {"a": {}}, {"b": {}}, H100)
+    assert choice.layers() == [({"a": {}}, 1.0), ({"b": {}}, 1.0)]  # own entries first, then the sibling's
+    assert "this device's tuned table (1 classes), then its sibling" in choice.describe()
 
 
 def test_sibling_of_same_architecture_nearest_in_multiprocessors():
     tables = {H100_PCIE: {"p": {}}, H100: {"s": {}}, A100: {"x": {}}, MI300: {"y": {}}}
     choice = choose_table(tables, H200)
-    assert (choice.source, choice.table_key, choice.entries) == ("sibling", H100, {"s": {}})
+    assert (choice.source, choice.sibling_key, choice.own, choice.sibling) == ("sibling", H100, {}, {"s": {}})
     assert choice.sm_ratio == 1.0
     assert H100 in choice.describe()
     # A card with fewer multiprocessors takes the closer sibling, and the ratio scales its splits.
     small = "nvidia:NVIDIA H100 NVL:cc90:sm120"
     choice = choose_table(tables, small)
-    assert choice.table_key == H100_PCIE
+    assert choice.sibling_key == H100_PCIE
     assert choice.sm_ratio == pytest.approx(120 / 114)
 
 
@@ -46,5 +47,5 @@ def test_sibling_of_same_architecture_nearest_in_multiprocessors():
 def test_no_sibling_means_derived(key):
     tables = {H100: {"s": {}}, MI300: {"y": {}}, "nvidia:NVIDIA B200:cc100:sm148": {}}  # an empty table is none
     choice = choose_table(tables, key)
-    assert (choice.source, choice.entries, choice.table_key) == ("derived", {}, None)
+    assert (choice.source, choice.own, choice.sibling, choice.sibling_key) == ("derived", {}, {}, None)
     assert "derived" in choice.describe()

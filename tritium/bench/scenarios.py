@@ -4,24 +4,13 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from tritium.ops.attention import window_size
+from tritium.ops.attention.tuning import Problem
 
 
 @dataclass(frozen=True)
-class Scenario:
-    """One attention call: sequences as (query_len, context_len) pairs, context counting the new tokens."""
-
-    name: str
-    num_q_heads: int
-    num_kv_heads: int
-    head_size: int
-    seqs: tuple[tuple[int, int], ...]
-    sliding_window: int | None = None
-
-    @property
-    def window_size(self) -> tuple[int, int]:
-        """FlashAttention's (left, right): a window of W keys is (W - 1, 0)."""
-        return window_size(self.sliding_window)
+class Scenario(Problem):
+    """One attention call of the suite: sequences as (query_len, context_len) pairs, context counting the new
+    tokens; with what it costs (FLOPs, bytes)."""
 
     @property
     def is_decode(self) -> bool:

@@ -21,6 +21,8 @@ class EngineConfig:
     num_kv_pages: a fixed page-pool size (default: sized from free GPU memory times gpu_memory_utilization; on the
         CPU room for four sequences of max_model_len).
     enforce_eager: run decode steps eagerly, not as CUDA graphs.
+    auto_tune: at start on a GPU, tune the attention kernel's problem classes this device's own tuned table lacks
+        (within 90 s; cached, so once per device and shape); TRITIUM_AUTO_TUNE=0 turns it off too.
     attention_backend: "triton" (the unified kernel) or "reference" (PyTorch); default triton on a GPU, reference
         on the CPU.
     tokenizer: a folder to take the tokenizer from (default: the model's); skip_tokenizer_init: load none (prompts
@@ -37,6 +39,7 @@ class EngineConfig:
     num_kv_pages: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    auto_tune: bool = True
     attention_backend: str | None = None
     tokenizer: str | None = None
     skip_tokenizer_init: bool = False
@@ -51,7 +54,7 @@ class EngineConfig:
         for name in ("max_model_len", "num_kv_pages"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init"):
+        for name in ("enable_prefix_caching", "enforce_eager", "auto_tune", "skip_tokenizer_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization

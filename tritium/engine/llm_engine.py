@@ -2,11 +2,13 @@
 logprobs, stop conditions checked; finished sequences out."""
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
 from tritium.engine.model_runner import ModelRunner
 from tritium.engine.page_pool import PagePool
@@ -16,6 +18,9 @@ from tritium.engine.sequence import Sequence
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
+from tritium.ops.attention.configs import table_choice
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,15 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         page_size = config.block_size
+        backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
+        if backend == "triton" and device.type == "cuda":  # before the page pool takes the free memory
+            self._tune_attention(device, dtype, page_size)
         num_pages = config.num_kv_pages
         if num_pages is None:
             num_pages = _kv_pages(self.model, device, page_size, config.gpu_memory_utilization, self.max_model_len)
         if num_pages * page_size < self.max_model_len:
             raise ValueError(f"{num_pages} KV pages of {page_size} tokens cannot hold one sequence of "
                              f"max_model_len={self.max_model_len}")
-        backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
         self.pages = PagePool(num_pages, page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_batched_tokens, config.max_num_seqs)
         # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
@@ -69,6 +76,17 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_pages, page_size, backend, graphs, config.max_num_seqs,
                                   self.max_model_len, config.max_num_batched_tokens)
         self.last_step = StepStats(0, 0, 0)
+
+    def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
+        """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
+        say in the log which tuned table the kernel runs with."""
+        attn = self.model.model.layers[0].self_attn
+        shape = (self.config.max_num_batched_tokens, self.config.max_num_seqs, attn.num_heads, attn.num_kv_heads,
+                 attn.head_dim, page_size, self.max_model_len, attn.sliding_window)
+        if auto_tune_enabled(self.config.auto_tune):
+            auto_tune(device, dtype, *shape)
+        else:
+            log.info("attention configs: %s (auto-tune off)", table_choice(device).describe())
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
         """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others

@@ -46,41 +46,48 @@ def device_key(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class TableChoice:
-    """The entries a device runs with and where they come from.
+    """The tuned entries a device runs with: its own (tuned on it: shipped, or cached by `tritium tune` or the
+    engine's auto-tune), then, for classes those lack, its nearest sibling's (same vendor and architecture), whose
+    split counts are scaled by sm_ratio (this device's multiprocessors over the sibling's). Classes neither has get
+    configs derived from the device's shape."""
 
-    source: "own" (tuned on this device), "sibling" (another device of the same vendor and architecture),
-    or "derived" (no table: configs come from the device's shape). sm_ratio is this device's multiprocessor
-    count over the table's device's, by which split counts are scaled.
-    """
-
-    entries: dict[str, dict]
-    source: str
-    table_key: str | None = None
+    own: dict[str, dict]
+    sibling: dict[str, dict]
+    sibling_key: str | None = None
     sm_ratio: float = 1.0
 
+    @property
+    def source(self) -> str:
+        """"own" where the device has entries of its own, else "sibling" or "derived"."""
+        return "own" if self.own else "sibling" if self.sibling else "derived"
+
+    def layers(self) -> list[tuple[dict[str, dict], float]]:
+        """(entries, split scale) to look in, in order: own, then the sibling's."""
+        return [(self.own, 1.0), (self.sibling, self.sm_ratio)]
+
     def describe(self) -> str:
-        if self.source == "own":
-            return f"tuned table of this device ({self.table_key}, {len(self.entries)} classes)"
-        if self.source == "sibling":
-            return (f"sibling's tuned table ({self.table_key}, {len(self.entries)} classes; split counts scaled by "
-                    f"{self.sm_ratio:.2f}x multiprocessors)")
+        sibling = (f"{self.sibling_key}'s tuned table ({len(self.sibling)} classes; split counts scaled by "
+                   f"{self.sm_ratio:.2f}x multiprocessors)") if self.sibling else None
+        if self.own:
+            return f"this device's tuned table ({len(self.own)} classes)" + (f", then its sibling {sibling}"
+                                                                              if sibling else "")
+        if sibling:
+            return f"no tuned table of its own: its sibling {sibling}"
         return "no tuned table for this device or a sibling: configs derived from its shape"
 
 
 def choose_table(tables: dict[str, dict[str, dict]], key: str) -> TableChoice:
-    """The table a device keyed `key` uses: its own when it has entries, else the sibling with the closest
-    multiprocessor count (then the same product name, then the key's order), else none."""
-    if tables.get(key):
-        return TableChoice(tables[key], "own", key)
+    """The entries a device keyed `key` runs with: its own, and those of the sibling with the closest
+    multiprocessor count (then the same product name, then the key's order)."""
+    own = tables.get(key) or {}
     me = DeviceKey.parse(key)
-    if me is None:
-        return TableChoice({}, "derived")
     siblings = []
     for other_key, entries in tables.items():
         other = DeviceKey.parse(other_key)
-        if entries and other is not None and (other.vendor, other.arch) == (me.vendor, me.arch):
+        if (me is not None and other_key != key and entries and other is not None
+                and (other.vendor, other.arch) == (me.vendor, me.arch)):
             siblings.append((abs(math.log(other.sms / me.sms)), other.name != me.name, other_key, other))
     if not siblings:
-        return TableChoice({}, "derived")
+        return TableChoice(own, {})
     *_, other_key, other = min(siblings)
-    return TableChoice(tables[other_key], "sibling", other_key, me.sms / other.sms)
+    return TableChoice(own, tables[other_key], other_key, me.sms / other.sms)

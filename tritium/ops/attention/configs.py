@@ -197,20 +197,29 @@ def table_choice(device: torch.device) -> TableChoice:
 
 
 def lookup_tuned(device: torch.device, cls: str) -> AttentionConfig | None:
-    """The tuned config for a problem class from the device's table (`table_choice`). A class missing from the
-    table borrows the entry of the same kind and shape at the nearest page size, then (decode) the nearest program
-    count. Split counts are scaled to keep the same programs per multiprocessor: by the program counts of the two
-    classes and, for a sibling's table, by the two devices' multiprocessor counts."""
-    choice = table_choice(device)
-    key = cls if cls in choice.entries else _nearest_class(choice.entries, cls)
-    if key is None:
-        return None
-    fields = dict(choice.entries[key])
-    scale = choice.sm_ratio
+    """The tuned config for a problem class (`table_choice`): the device's own entry for it, else its sibling's;
+    failing both, the entry of the same kind and shape at the nearest page size, then (decode) the nearest program
+    count, own before the sibling's. Split counts are scaled to keep the same programs per multiprocessor: by the
+    program counts of the two classes and, for a sibling's entry, by the two devices' multiprocessor counts."""
+    layers = table_choice(device).layers()
+    for entries, sm_ratio in layers:
+        if cls in entries:
+            return _scaled(entries[cls], cls, cls, sm_ratio)
+    for entries, sm_ratio in layers:
+        key = _nearest_class(entries, cls)
+        if key is not None:
+            return _scaled(entries[key], key, cls, sm_ratio)
+    return None
+
+
+def _scaled(fields: dict, key: str, cls: str, sm_ratio: float) -> AttentionConfig:
+    """The entry stored under class `key`, for class `cls` on a device with sm_ratio times its multiprocessors."""
+    fields = dict(fields)
+    scale = sm_ratio
     if key != cls:
         scale *= int(class_fields(key)["p"] or 1) / int(class_fields(cls)["p"] or 1)
     if scale != 1.0 and class_fields(key)["p"]:  # a decode class: its keys may be split
-        fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields["num_splits"] * scale)))
+        fields["num_splits"] = max(1, min(_MAX_SPLITS, round(fields.get("num_splits", 1) * scale)))
     return AttentionConfig(**fields)
 
 
