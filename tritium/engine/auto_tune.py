@@ -64,7 +64,10 @@ def auto_tune(device: torch.device, dtype: torch.dtype, max_num_batched_tokens: 
         return {}
     log.info("attention configs: %s; auto-tuning the %d classes it lacks (budget %.0f s; --no-auto-tune or "
              "TRITIUM_AUTO_TUNE=0 skips this)", table_choice(device).describe(), len(classes), budget_s)
-    winners = tune_classes(classes, page_size, dtype, budget_s=budget_s, clock=clock, desc="auto-tuning attention")
+    # No compile workers: spawned processes re-import the main module, which re-runs a user's script that has no
+    # `if __name__ == "__main__"` guard (seen on the H200: every worker started an engine of its own).
+    winners = tune_classes(classes, page_size, dtype, budget_s=budget_s, clock=clock, desc="auto-tuning attention",
+                           workers=False)
     log.info("auto-tune cached %d of %d classes; attention configs now: %s", len(winners), len(classes),
              table_choice(device).describe())
     return winners

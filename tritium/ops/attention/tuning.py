@@ -102,16 +102,18 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
 def tune_classes(
     classes: dict[str, list[Problem]], page_size: int, dtype: torch.dtype, cache: Path | None = None,
     budget_s: float | None = None, clock: Callable[[], float] | None = None, desc: str = "tuning",
+    workers: bool = True,
 ) -> dict[str, dict]:
     """Tune each class on its problems, in order, and merge each winner into the user cache (`cache`, default the
     one the kernel reads) as soon as it is found. With `budget_s`, no class is started once that many seconds have
     passed since the call (by `clock`, default time.monotonic), and compiling ahead stops at the budget too; the
-    classes left keep the configs they had. Returns {class: config fields} of the tuned ones."""
+    classes left keep the configs they had. With `workers` False nothing is compiled ahead in worker processes.
+    Returns {class: config fields} of the tuned ones."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     clock = clock or time.monotonic
     start = clock()
     left = (lambda: budget_s - (clock() - start)) if budget_s is not None else (lambda: math.inf)
-    if device.type == "cuda":
+    if device.type == "cuda" and workers:
         precompile(compile_jobs(classes, page_size, dtype, device), timeout_s=left())
     path = cache or user_cache_path()
     sms = multiprocessor_count(device)
