@@ -51,8 +51,10 @@ class Clock:
 def test_missing_classes_are_the_steps_classes_the_own_table_lacks(cache):
     found = at.missing_classes(CPU, **SHAPE)
     assert list(found) == CLASSES
-    (problem,) = found[CLASSES[1]]
+    (problem,) = found[CLASSES[1]]  # the short and the long context are both capped at max_model_len: one problem
     assert problem.seqs == ((2, 24),) and (problem.num_q_heads, problem.num_kv_heads) == (4, 2)
+    long = at.missing_classes(CPU, **{**SHAPE, "max_model_len": 10000})[CLASSES[0]]
+    assert [p.seqs for p in long] == [((1, 1024),), ((1, 8192),)]
     cache.write_text(json.dumps({"cpu": {CLASSES[0]: {"block_m": 16, "tile_k": 16}}}))
     configs.reload_tables()
     assert list(at.missing_classes(CPU, **SHAPE)) == CLASSES[1:]

@@ -17,7 +17,11 @@ from tritium.ops.attention.configs import class_fields, problem_class, table_cho
 from tritium.ops.attention.tuning import Problem, tune_classes
 
 BUDGET_S = 90.0  # the whole auto-tune, compiles included, at engine start
-DECODE_CONTEXT = 1024  # keys per sequence in the problems a class is tuned on (capped by max_model_len)
+# Keys per sequence in the problems a decode or mixed class is tuned on (capped by max_model_len). One config serves
+# every context of its class: tuned on 1k contexts alone, the H200's single-sequence class (p8) took a config that
+# ran the suite's 8k-context decode at 0.87x FA3 where the sibling's ran 1.13x (docs/benchmarks.md), so each class
+# is tuned on a short and a long context and the config best over both wins.
+CONTEXTS = (1024, 8192)
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +33,7 @@ def auto_tune_enabled(enabled: bool) -> bool:
 def missing_classes(device: torch.device, max_num_batched_tokens: int, max_num_seqs: int, num_q_heads: int,
                     num_kv_heads: int, head_dim: int, page_size: int, max_model_len: int,
                     sliding_window: int | None = None) -> dict[str, list[Problem]]:
-    """The classes a step can fall in that this device's own table lacks, each with a problem of its shape to tune
+    """The classes a step can fall in that this device's own table lacks, each with the problems of its shape to tune
     on: single-token decodes first (most steps), then mixed batches and prefills, then the rest."""
     tuned = table_choice(device).own
     found: dict[str, list[Problem]] = {}
@@ -37,14 +41,14 @@ def missing_classes(device: torch.device, max_num_batched_tokens: int, max_num_s
         cls = problem_class(tokens, seqs, num_q_heads, num_kv_heads, head_dim, page_size)
         if cls in tuned or cls in found:
             continue
-        per_seq = -(-tokens // seqs)
-        if class_fields(cls)["kind"] == "prefill":  # one long prompt: the budget's worth of tokens
+        if class_fields(cls)["kind"] == "prefill":  # one long prompt: the step's budget of tokens
             n = min(max_num_batched_tokens, max_model_len)
-            shape = ((n, n),)
-        else:
-            context = max(per_seq, min(max_model_len, DECODE_CONTEXT))
-            shape = ((per_seq, context),) * seqs
-        found[cls] = [Problem(f"{cls} (engine step)", num_q_heads, num_kv_heads, head_dim, shape, sliding_window)]
+            shapes = [((n, n),)]
+        else:  # the step's shape, on a short and a long context
+            per_seq = -(-tokens // seqs)
+            shapes = [((per_seq, c),) * seqs for c in sorted({max(per_seq, min(max_model_len, c)) for c in CONTEXTS})]
+        found[cls] = [Problem(f"{cls} (engine step)", num_q_heads, num_kv_heads, head_dim, shape, sliding_window)
+                      for shape in shapes]
     order = {"decode-q1": 0, "mixed": 1, "prefill": 2}
     return dict(sorted(found.items(), key=lambda item: order.get(class_fields(item[0])["kind"], 3)))
 
