@@ -36,6 +36,9 @@ class RequestOutput:
     prompt: str | None  # the text prompt when one was given (for chat, the rendered conversation)
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)  # the samples, in index order
+    # With SamplingParams.prompt_logprobs: per prompt token {token id: (logprob, rank)} of the top k and of the
+    # token itself; None for the first token.
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
 
 
 class LLM:
@@ -139,6 +142,8 @@ class LLM:
                 bar.update(len(self.engine.step()))
         for out, seqs in queued:
             out.outputs = [_completion(s) for s in seqs]
+            if seqs[0].params.prompt_logprobs is not None:
+                out.prompt_logprobs = seqs[0].prompt_logprobs
         return [out for out, _ in queued]
 
 

@@ -15,6 +15,7 @@ from tritium.engine.page_pool import PagePool
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
+from tritium.engine.structured import Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
@@ -74,7 +75,8 @@ class LLMEngine:
         # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
         graphs = not config.enforce_eager and device.type == "cuda" and backend == "triton"
         self.runner = ModelRunner(self.model, num_pages, page_size, backend, graphs, config.max_num_seqs,
-                                  self.max_model_len, config.max_num_batched_tokens)
+                                  self.max_model_len, config.max_num_batched_tokens, self.eos_ids)
+        self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.last_step = StepStats(0, 0, 0)
 
     def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
@@ -96,6 +98,8 @@ class LLMEngine:
         for seq in seqs:
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammars.matcher(params.structured_outputs)
             self.scheduler.add(seq)
         return seqs
 
@@ -114,11 +118,20 @@ class LLMEngine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs ({params.logprobs}) exceeds the vocabulary ({vocab} tokens)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"{name} names token ids outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
                              "use stop_token_ids")
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured_outputs needs a tokenizer (the engine runs with skip_tokenizer_init=True)")
+            self.grammars.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
@@ -174,7 +187,11 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token]
         reason = None
-        if token in p.stop_token_ids:
+        if seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated()):
+            # The grammar ended on an end-of-sequence token (even with ignore_eos: nothing may follow). A token it
+            # refuses cannot have been sampled under its mask; should one be, the output ends rather than break it.
+            reason = "stop"
+        elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
         elif not p.ignore_eos and token in self.eos_ids:
             reason = "stop"
@@ -188,6 +205,8 @@ class LLMEngine:
             text += seq.detokenizer.flush()
         start = len(seq.text)
         seq.text += text
+        if len(seq.output_ids) < p.min_tokens:  # as vLLM: no stop string ends an output shorter than min_tokens
+            return reason
         hit = _find_stop(seq.text, start, p.stop)
         if hit is None:
             return reason

@@ -1,10 +1,12 @@
 """Runs the model on one scheduled step: lays the batch out over the paged KV cache, then samples."""
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
+from tritium.engine.logits_processors import LogitsProcessors
 from tritium.engine.sampler import Sampled, sample
 from tritium.engine.sequence import Sequence
 from tritium.engine.warm_up import TABLE_ALIGN, warm_up_attention
@@ -15,14 +17,24 @@ from tritium.models.llama import LlamaForCausalLM
 # decode step on an H100 took 6.19-6.30 ms instead of 6.37-6.51 (docs/benchmarks.md). cuBLAS reads this at the
 # process's first call; a value the user set wins.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+PROMPT_LOGPROB_ROWS = 256  # prompt positions per log-softmax: 256 x a 128k vocabulary is 128 MiB of float32
 
 
 class Launched:
     """A step on its way through the device: which sequences sample in it, at which positions their query tokens
-    sit (what the next schedule must ask for, to take a step that was launched ahead), and its samples."""
+    sit (what the next schedule must ask for, to take a step that was launched ahead), and its samples. Sampling
+    may be deferred (`sample` a callable): it then runs when the samples are first asked for."""
 
-    def __init__(self, seqs: list[Sequence], positions: list[int], sampled: Sampled | None) -> None:
-        self.seqs, self.positions, self.sampled = seqs, positions, sampled
+    def __init__(self, seqs: list[Sequence], positions: list[int],
+                 sample: Sampled | Callable[[], Sampled] | None) -> None:
+        self.seqs, self.positions = seqs, positions
+        self._sampled, self._deferred = (None, sample) if callable(sample) else (sample, None)
+
+    @property
+    def sampled(self) -> Sampled | None:
+        if self._deferred is not None:
+            self._sampled, self._deferred = self._deferred(), None
+        return self._sampled
 
     def serves(self, batch: list[tuple[Sequence, int]]) -> bool:
         """Whether this step computed every sequence of `batch` as it asks: a decode at the launched position."""
@@ -45,10 +57,16 @@ class ModelRunner:
     wait for the host between steps. The next `step` takes it when its batch is those decodes or some of them (a
     sequence that stopped or was aborted is left out). The engine admits no new sequence meanwhile and has reserved
     the pages, so the only other case is that all of them ended: then it is dropped, and its K/V writes, at a
-    position past what each sequence had cached, in a page the sequence owned, are never read."""
+    position past what each sequence had cached, in a page the sequence owned, are never read.
+
+    A step launched ahead whose rows include a structured-output one has its forward queued at once but its
+    sampling deferred to the next `step` call: the grammar mask depends on the token sampled before it, which only
+    the host can feed to the matcher. The forward still overlaps the host's work (reading the tokens, advancing the
+    matchers, filling the next mask); only the sampling waits for the host. Penalties need no such wait: their
+    counts are updated on the device (LogitsProcessors)."""
 
     def __init__(self, model: LlamaForCausalLM, num_pages: int, page_size: int, backend: str, cuda_graphs: bool,
-                 max_seqs: int, max_model_len: int, max_tokens: int) -> None:
+                 max_seqs: int, max_model_len: int, max_tokens: int, eos_ids: set[int] = frozenset()) -> None:
         cfg = model.config
         self.model, self.page_size, self.backend = model, page_size, backend
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -57,6 +75,7 @@ class ModelRunner:
                           for _ in range(cfg.num_layers)]
         self.device = device
         self.generators: dict[int, torch.Generator] = {}
+        self.processors = LogitsProcessors(cfg.vocab_size, device, eos_ids)
         if backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
             attn = model.model.layers[0].self_attn
             warm_up_attention(self.kv_caches[0], attn.num_heads, attn.scale, attn.sliding_window, max_tokens, max_seqs)
@@ -91,13 +110,17 @@ class ModelRunner:
             used.append(start + n)
             tables.append(seq.pages)
         hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
+        for i, (seq, _) in enumerate(batch):
+            if seq.needs_prompt_logprobs:
+                self._prompt_logprobs(seq, hidden[cu[i]:cu[i + 1]], seq.num_computed)
         done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
         last_rows = [cu[i + 1] - 1 for i in done]
         # The last rows are distinct and increasing: as many as the rows means every row, in order (a decode batch).
         if len(last_rows) != hidden.shape[0]:
             hidden = hidden[last_rows]
         seqs = [batch[i][0] for i in done]
-        return Launched(seqs, [len(s) - 1 for s in seqs], self._sample(hidden, seqs) if seqs else None)
+        positions = [len(s) - 1 for s in seqs]
+        return Launched(seqs, positions, self._sample(self.model.logits(hidden), seqs, positions) if seqs else None)
 
     def _launch_ahead(self, seqs: list[Sequence], launched: Launched) -> Launched:
         """The decode of each of `seqs` at position len(seq), its input token the one `launched` samples for it."""
@@ -110,13 +133,41 @@ class ModelRunner:
         used = [p + 1 for p in positions]
         tables = [s.pages for s in seqs]
         hidden = self._forward(tokens, positions, slots, list(range(len(seqs) + 1)), used, tables, 1)
-        return Launched(seqs, positions, self._sample(hidden, seqs))
+        logits = self.model.logits(hidden)  # now: a CUDA graph's output is overwritten by its next replay
+        if any(s.grammar is not None for s in seqs):
+            return Launched(seqs, positions, lambda: self._sample(logits, seqs, positions))
+        return Launched(seqs, positions, self._sample(logits, seqs, positions))
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
 
-    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> Sampled:
-        return sample(self.model.logits(hidden), [s.params for s in seqs], [self._generator(s) for s in seqs])
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> Sampled:
+        chosen_from = self.processors.apply(logits, seqs, positions)
+        sampled = sample(chosen_from, [s.params for s in seqs], [self._generator(s) for s in seqs], raw=logits)
+        self.processors.record(seqs, sampled.tokens)
+        return sampled
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
+        """Append the logprobs of the prompt tokens that the chunk's rows (positions start...) predict: {token id:
+        (logprob, rank)} of the top k and of the prompt token itself (rank 1 is the likeliest), of the raw logits;
+        entry 0, for the first token, is None."""
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        k = seq.params.prompt_logprobs
+        first = len(seq.prompt_logprobs) - 1 - start  # the row predicting the next missing prompt token
+        last = min(hidden.shape[0], len(seq.prompt_ids) - 1 - start)
+        for lo in range(max(first, 0), last, PROMPT_LOGPROB_ROWS):
+            hi = min(lo + PROMPT_LOGPROB_ROWS, last)
+            logprobs = torch.log_softmax(self.model.logits(hidden[lo:hi]), dim=-1)
+            targets = torch.tensor(seq.prompt_ids[start + lo + 1:start + hi + 1], device=logprobs.device)
+            own = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs > own).sum(dim=-1).add_(1).tolist()
+            values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+            for target, lp, rank, top_ids, top_values in zip(targets.tolist(), own.squeeze(1).tolist(), ranks, ids,
+                                                             values):
+                entry = {t: (v, r) for r, (t, v) in enumerate(zip(top_ids, top_values), 1)}
+                entry.setdefault(target, (lp, rank))
+                seq.prompt_logprobs.append(entry)
 
     def _forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], cu: list[int],
                  used: list[int], tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
@@ -144,3 +195,4 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.processors.release(seq)

@@ -56,7 +56,7 @@ class PagePool:
         tokens = seq.tokens
         needed = -(-len(tokens) // self.page_size)
         hits, hashes = [], []
-        if self.prefix_caching:
+        if self.prefix_caching and not seq.needs_prompt_logprobs:  # prompt logprobs need every position run
             # The last token must still run through the model to produce logits: never count it as cached.
             hashes = self._hashes(tokens[:-1])
             for h in hashes:

@@ -1,5 +1,6 @@
 """Next-token choice on the logits' device, one batched pass: greedy, or temperature with top-k, top-p and min-p
-filters; and the logprobs a request asks for (of the raw logits, before temperature and filters, as vLLM reports)."""
+filters, on logits that the logits processors may have masked, biased and penalized first; and the logprobs a
+request asks for (of the raw logits, before all of that, as vLLM reports them)."""
 
 import torch
 
@@ -45,8 +46,10 @@ class Sampled:
         return token_list, out
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Sampled:
-    """One token per row of logits [rows, vocab] (float32), and the logprobs of the rows that ask for them."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           raw: torch.Tensor | None = None) -> Sampled:
+    """One token per row of logits [rows, vocab] (float32), and the logprobs of the rows that ask for them, from
+    `raw` (the logits before any processor; default `logits`)."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == len(params):
         tokens = _sample_rows(logits, params, generators)
@@ -54,7 +57,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         tokens = logits.argmax(dim=-1)
         if rows:
             _put(tokens, rows, _sample_rows, logits, params, generators)
-    return Sampled(logits, tokens, [p.logprobs for p in params])
+    return Sampled(logits if raw is None else raw, tokens, [p.logprobs for p in params])
 
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

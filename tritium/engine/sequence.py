@@ -35,6 +35,10 @@ class Sequence:
     text: str = ""
     logprobs: list[dict[int, float]] = field(default_factory=list)  # filled when params.logprobs is set
     cumulative_logprob: float = 0.0
+    # With params.prompt_logprobs: entry p for prompt token p, {token id: (logprob, rank)} of the top k and of the
+    # token itself (None for the first), filled as prefill chunks run.
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)
+    grammar: object | None = None  # the structured-output matcher (xgrammar), advanced with each output token
 
     @property
     def tokens(self) -> list[int]:
@@ -51,6 +55,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens still lack their logprobs (their positions must run, not come from the cache)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def num_uncomputed(self) -> int:

@@ -42,14 +42,21 @@ class Tokenizer:
                               else _default_template(config.get("chat_template")))
         self._compiled: jinja2.Template | None = None
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` object underneath (what grammar libraries read the vocabulary from)."""
+        return self._tokenizer
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text of one conversation ([{"role": ..., "content": ...}, ...]) under the model's template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text of one conversation ([{"role": ..., "content": ...}, ...]) under the model's template;
+        `tools` (OpenAI's tool definitions) go to templates that render them, as transformers passes them."""
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template (tokenizer_config.json 'chat_template' "
                              "or chat_template.jinja); use generate() with a formatted prompt")
@@ -60,7 +67,7 @@ class Tokenizer:
         # As transformers does: keys set to None are left out, so templates can test `is defined`.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                          **self.special_tokens)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template rejected the conversation: {e}") from e

@@ -14,10 +14,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritium.engine.sampling_params import SamplingParams
+from tritium.server import responses as wire
 from tritium.server.async_engine import AsyncEngine, EngineDead
 from tritium.server.metrics import ServerMetrics
 from tritium.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from tritium.server.responses import Samples, chat_logprobs, completion_logprobs, envelope, response_id
+from tritium.server.responses import Samples, envelope, response_id
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -76,17 +77,35 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _check_model(body.model, model_name)
+        _check_request(body, model_name)
         prompts = body.prompt_ids(tok.encode)
-        params = _params(engine, prompts, lambda d: body.sampling_params(body.max_tokens, body.logprobs, d))
+        k = body.logprobs
+        # Echo with logprobs reports the prompt's tokens too: their logprobs are the prompt logprobs.
+        echo_k = k if body.echo and k is not None else None
+        prompt_k = max((x for x in (body.prompt_logprobs, echo_k) if x is not None), default=None)
+        params = _params(engine, prompts, lambda d: body.sampling_params(body.max_tokens, k, d,
+                                                                         prompt_logprobs=prompt_k))
         rid = response_id("cmpl")
         samples = Samples(len(prompts) * body.n, params.stop)  # choice i: prompt i // n, sample i % n
         prompt_tokens = sum(map(len, prompts))
-        k = body.logprobs
+        texts = [p if isinstance(p, str) else None for p in _prompt_texts(body)]
+        echoed = [False] * len(samples.text)
 
         def choice(i: int, text: str, new_ids: list[int], new_lps: list[dict], offset: int) -> dict:
-            lps = completion_logprobs(tok, new_ids, new_lps, k, offset) if k is not None else None
-            return {"index": i, "text": text, "logprobs": lps, "finish_reason": samples.finish_reason[i]}
+            ids, prompt_lps = prompts[i // body.n], samples.prompt_logprobs[i]
+            lps = wire.completion_logprobs(tok, new_ids, new_lps, k, offset) if k is not None else None
+            out = {"index": i, "text": text, "logprobs": lps, "finish_reason": samples.finish_reason[i]}
+            if body.echo and not echoed[i]:  # the prompt goes before the choice's first text
+                echoed[i] = True
+                prompt_text = texts[i // body.n] if texts[i // body.n] is not None else tok.decode(ids)
+                out["text"] = prompt_text + text
+                if lps is not None:
+                    lps["text_offset"] = [o + len(prompt_text) for o in lps["text_offset"]]
+                    out["logprobs"] = wire.join_logprobs(wire.echo_logprobs(tok, ids, prompt_lps, k), lps)
+            if body.prompt_logprobs is not None and prompt_lps is not None:
+                out["prompt_logprobs"] = wire.prompt_logprobs_body(tok, prompt_lps)
+                samples.prompt_logprobs[i] = None  # sent
+            return out
 
         updates = engine.generate(prompts, params, engine.new_request_id(rid))
         if body.stream:
@@ -108,22 +127,45 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _check_model(body.model, model_name)
+        _check_request(body, model_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         try:
-            text = tok.apply_chat_template([m.as_template_input() for m in body.messages])
+            forced = body.forced_tool()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        try:
+            text = tok.apply_chat_template([m.as_template_input() for m in body.messages], body.add_generation_prompt,
+                                           tools=tools)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
         max_tokens = body.max_completion_tokens or body.max_tokens or engine.engine.max_model_len - len(ids)
         k = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(engine, [ids], lambda d: body.sampling_params(max_tokens, k, d))
+        params = _params(engine, [ids], lambda d: body.sampling_params(max_tokens, k, d, forced and forced[1]))
         rid = response_id("chatcmpl")
         samples = Samples(body.n, params.stop)
+        name = body.tool_choice.function.name if forced and forced[0] == "named" else None
 
         def lps(new_ids: list[int], new_lps: list[dict]) -> dict | None:
-            return chat_logprobs(tok, new_ids, new_lps, k) if k is not None else None
+            return wire.chat_logprobs(tok, new_ids, new_lps, k) if k is not None else None
+
+        def message(i: int, content: str) -> tuple[dict, str | None]:
+            """The reply (text, or the forced tool calls once the sample is done) and its finish_reason."""
+            reason = samples.finish_reason[i]
+            if forced is None or reason is None:
+                return {"content": content}, reason
+            try:
+                calls = wire.tool_calls(forced[0], samples.text[i], name)
+            except (ValueError, TypeError, KeyError):  # cut short by max_tokens: the text as it is
+                return {"content": samples.text[i]}, reason
+            return {"content": None, "tool_calls": calls}, "tool_calls" if forced[0] == "required" else reason
+
+        def extras() -> dict:
+            if body.prompt_logprobs is None or samples.prompt_logprobs[0] is None:
+                return {}
+            return {"prompt_logprobs": wire.prompt_logprobs_body(tok, samples.prompt_logprobs[0])}
 
         updates = engine.generate([ids], params, engine.new_request_id(rid))
         if body.stream:
@@ -131,27 +173,50 @@ def build_app(engine: AsyncEngine, metrics: ServerMetrics, model_name: str, api_
                 roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(body.n)]
                 yield envelope(rid, "chat.completion.chunk", model_name, roles)
+                sent_extras = False
                 async for step in updates:
-                    choices = [{"index": u.index, "delta": {"content": samples.add(u)},
-                                "logprobs": lps(u.new_token_ids, u.new_logprobs), "finish_reason": u.finish_reason}
-                               for u in step]
-                    yield envelope(rid, "chat.completion.chunk", model_name, choices)
+                    choices = []
+                    for u in step:
+                        text = samples.add(u)  # a forced tool call is sent whole, once its sample is done
+                        delta, reason = message(u.index, text if forced is None else "")
+                        for j, call in enumerate(delta.get("tool_calls") or ()):
+                            call["index"] = j
+                        choices.append({"index": u.index, "delta": delta,
+                                        "logprobs": lps(u.new_token_ids, u.new_logprobs), "finish_reason": reason})
+                    chunk = envelope(rid, "chat.completion.chunk", model_name, choices)
+                    if not sent_extras and extras():
+                        chunk, sent_extras = {**chunk, **extras()}, True
+                    yield chunk
                 if body.include_usage:
                     yield {**envelope(rid, "chat.completion.chunk", model_name, []), "usage": samples.usage(len(ids))}
             return _sse(chunks())
         await _collect(request, updates, samples)
-        choices = [{"index": i, "message": {"role": "assistant", "content": samples.text[i]},
-                    "logprobs": lps(samples.token_ids[i], samples.logprobs[i]),
-                    "finish_reason": samples.finish_reason[i]} for i in range(body.n)]
-        return {**envelope(rid, "chat.completion", model_name, choices), "usage": samples.usage(len(ids))}
+        choices = []
+        for i in range(body.n):
+            reply, reason = message(i, samples.text[i])
+            choices.append({"index": i, "message": {"role": "assistant", **reply},
+                            "logprobs": lps(samples.token_ids[i], samples.logprobs[i]), "finish_reason": reason})
+        return {**envelope(rid, "chat.completion", model_name, choices), "usage": samples.usage(len(ids)),
+                **extras()}
 
     return app
 
 
-def _check_model(asked: str, served: str) -> None:
-    if asked != served:
-        raise APIError(404, f"the model {asked!r} does not exist; this server serves {served!r}", param="model",
+def _check_request(body, served: str) -> None:
+    """404 for a model this server does not serve (none named: the served one); 400 naming a field that asks for
+    what this server does not implement."""
+    if body.model is not None and body.model != served:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}", param="model",
                        code="model_not_found")
+    refused = body.refused()
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0])
+
+
+def _prompt_texts(body: CompletionRequest) -> list:
+    """Each prompt as given: its text, or its token ids."""
+    one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    return [body.prompt] if one else list(body.prompt)
 
 
 def _params(engine: AsyncEngine, prompts: list[list[int]], make) -> SamplingParams:

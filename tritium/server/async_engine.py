@@ -26,6 +26,7 @@ class SeqUpdate:
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]]
     finish_reason: str | None
+    prompt_logprobs: list | None = None  # in a sequence's first update, when the request asked for them
 
 
 class EngineDead(RuntimeError):
@@ -159,8 +160,10 @@ class AsyncEngine:
                 req.sent[seq.seq_id] = len(seq.output_ids)
                 if seq.finish_reason is not None:
                     req.done.add(seq.seq_id)
+                first = sent == 0 and seq.params.prompt_logprobs is not None
                 updates.append(SeqUpdate(req.first_index + seq.index, seq.text, seq.output_ids[sent:],
-                                         seq.logprobs[sent:], seq.finish_reason))
+                                         seq.logprobs[sent:], seq.finish_reason,
+                                         seq.prompt_logprobs if first else None))
             if updates:
                 req.loop.call_soon_threadsafe(req.updates.put_nowait, updates)
             if all(s.finish_reason is not None for s in req.seqs):

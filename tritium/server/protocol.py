@@ -1,17 +1,33 @@
 """The OpenAI wire format: pydantic models of the request bodies (strict types, ranges checked) and the error
-object. Sampling fields use the engine's names, which are OpenAI's and vLLM's."""
+object. Sampling fields use the engine's names, which are OpenAI's and vLLM's. Every OpenAI and vLLM sampling
+field is either honoured or, set to anything but its neutral value, refused with a 400 naming it (NOT_SUPPORTED);
+fields that are neither (OpenAI's `store`, `metadata` ...) are ignored."""
 
 from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from tritium.engine.sampling_params import SamplingParams
+from tritium.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 16  # samples per request: each one holds a sequence in the batch
 MAX_LOGPROBS = 20  # as OpenAI
 MAX_STOPS = 8
 MAX_PROMPTS = 256  # prompts in one completions request: each is a request in the engine, with n sequences
+MAX_USER_CHARS = 256
+
+# OpenAI's and vLLM's fields that Tritium does not implement, with the values that ask for nothing (a client may
+# send those): any other value is refused with a 400 naming the field.
+NOT_SUPPORTED = {
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "bad_words": ([],), "allowed_token_ids": (),
+    "truncate_prompt_tokens": (), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "guided_whitespace_pattern": (),
+    "guided_decoding_backend": ("xgrammar", "auto"), "structural_tag": (), "priority": (0,),
+    "suffix": ("",), "functions": ([],), "function_call": ("none",), "chat_template": (),
+    "chat_template_kwargs": ({},), "documents": ([],), "continue_final_message": (False,), "prediction": (),
+    "audio": (), "modalities": (["text"],), "mm_processor_kwargs": ({},), "cache_salt": (), "vllm_xargs": ({},),
+    "echo": (False,),  # chat's (vLLM: the reply begins with the last message); completions' echo is honoured
+}
 
 
 class StreamOptions(BaseModel):
@@ -19,12 +35,59 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by completions and chat. Unknown fields are ignored, as OpenAI-compatible servers do."""
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` object; the engine checks that exactly one is given."""
 
     model_config = ConfigDict(strict=True)
-    model: str
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_, regex=self.regex, choice=self.choice, grammar=self.grammar,
+                                       json_object=self.json_object)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat. Unknown fields are kept aside: those in NOT_SUPPORTED are refused by
+    `refused()`, the others ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None  # None: the served model
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # only = n: every sample is returned
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=100)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Unset (or null) sampling fields take the model's generation_config.json defaults, then SamplingParams' own.
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -36,15 +99,56 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    # The end user, for the caller's own tracking (as OpenAI and vLLM take it): checked, never used to generate.
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict,
+                        structured: StructuredOutputsParams | None = None, prompt_logprobs: int | None = None,
+                        ) -> SamplingParams:
         """The request's SamplingParams; `defaults` (the model's) fill the sampling fields it leaves unset."""
         given = {name: v for name in ("temperature", "top_p", "min_p") if (v := getattr(self, name)) is not None}
         if self.top_k is not None:
             given["top_k"] = max(self.top_k, 0)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if (value := getattr(self, name)) is not None:
+                given[name] = value
         return SamplingParams(**{**defaults, **given}, n=self.n, seed=self.seed, max_tokens=max_tokens,
-                              stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids or (),
+                              include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
+                              logit_bias=self.logit_bias, logprobs=logprobs,
+                              prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+                              structured_outputs=structured or self.structured())
+
+    def refused(self) -> tuple[str, str] | None:
+        """(field, why) for the first field this server does not implement that the request sets, else None."""
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", f"best_of ({self.best_of}) other than n ({self.n}) is not supported: every sample is " \
+                              "returned, so ask for n samples"
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_SUPPORTED and value is not None and value not in NOT_SUPPORTED[name]:
+                return name, f"{name} is not supported by this server"
+        return None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """What the output must match, from whichever of the structured-output fields is set (ValueError when
+        several are: the error names them)."""
+        given = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema is not None else None
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise ValueError("response_format of type json_schema needs its json_schema object")
+            given["response_format"] = (StructuredOutputsParams(json=schema) if schema is not None
+                                        else StructuredOutputsParams(json_object=True))
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs.params()
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if (value := getattr(self, name)) is not None:
+                given[name] = StructuredOutputsParams(**{kind: value})
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}: each says what the whole output must match")
+        return next(iter(given.values()), None)
 
     @property
     def include_usage(self) -> bool:
@@ -75,6 +179,7 @@ class CompletionRequest(_Sampling):
             "must be a string, a list of strings, a list of token ids or a list of lists of token ids, not empty"))]
     max_tokens: Annotated[int, Field(ge=1)] = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False  # the prompt's text before each choice's (and with logprobs, its tokens' logprobs)
 
     def prompt_ids(self, encode: Callable[[str], list[int]]) -> list[list[int]]:
         """Each prompt's token ids, in order; texts go through `encode`."""
@@ -98,12 +203,67 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": text}
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # None: what the context leaves
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # "required" may call several tools; a named choice calls one
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes the special tokens
+
+    def forced_tool(self) -> tuple[str, StructuredOutputsParams] | None:
+        """("named" or "required", the JSON schema the reply must match) when tool_choice forces a call; None when
+        the reply is text. ValueError naming tool_choice or tools when they do not fit together."""
+        choice = self.tool_choice
+        if choice is None or choice == "none":
+            return None
+        if not self.tools:
+            raise ValueError("tool_choice forces a tool call, but the request gives no tools")
+        if choice == "auto":
+            raise ValueError('tool_choice "auto" needs a tool-call parser, which this server does not have: use '
+                             '"required", a named function or "none"')
+        schemas = {t.function.name: t.function.parameters or {"type": "object", "properties": {}}
+                   for t in self.tools}
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in schemas:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                                 f"({', '.join(schemas)})")
+            return "named", StructuredOutputsParams(json=schemas[choice.function.name])
+        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                           "required": ["name", "parameters"]} for name, schema in schemas.items()]}
+        array = {"type": "array", "items": call, "minItems": 1}
+        if not self.parallel_tool_calls:
+            array["maxItems"] = 1
+        return "required", StructuredOutputsParams(json=array)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
