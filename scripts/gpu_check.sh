@@ -5,9 +5,14 @@
 #   scripts/gpu_check.sh throughput [ARGS...]  -> tritium bench throughput --model-config llama-3.1-8b ARGS
 #   scripts/gpu_check.sh serve [ARGS...]       -> tritium serve (8B shape) + tritium bench serve ARGS, burst then
 #                                                 Poisson at 4 req/s
+#   scripts/gpu_check.sh structured [ARGS...]  -> scripts/bench_structured_step.py --model-config llama-3.1-8b ARGS
+#                                                 (a structured and a penalized decode step at batch 64 against a free
+#                                                 one; --tokenizer DIR for Llama 3.1's own, else a synthetic BPE)
 # Carry .whl/bundles (made by ../shared/tools/peer_bundles.sh fa3) to time FlashAttention-3, and .whl/serve
 # (wheels of fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn,
-# opentelemetry-api, typing-extensions for Python 3.12) to serve: the GPU image lacks them.
+# opentelemetry-api, typing-extensions for Python 3.12) to serve: the GPU image lacks them. Carry .whl/structured
+# (wheels of xgrammar, apache-tvm-ffi, jsonschema, jsonschema-specifications, referencing, rpds-py, attrs for
+# Python 3.12) for structured output and its GPU tests.
 set -u
 OUT=${OUT:-/tmp/tritium-out}
 mkdir -p "$OUT"
@@ -17,6 +22,10 @@ fi
 if ls .whl/serve/*.whl > /dev/null 2>&1 && ! python3 -c "import uvicorn, fastapi" 2> /dev/null \
     && [ ! -d /tmp/site/uvicorn ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/serve/*.whl
+fi
+if ls .whl/structured/*.whl > /dev/null 2>&1 && ! python3 -c "import xgrammar, jsonschema" 2> /dev/null \
+    && [ ! -d /tmp/site/xgrammar ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/structured/*.whl
 fi
 export PYTHONPATH="$PWD:/tmp/peers:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 what=$1; shift
@@ -45,5 +54,8 @@ case $what in
         | tr '\r' '\n' | grep -v "/s\]$" | tee -a "$OUT/serve_bench.log"
     done
     kill -TERM $server; wait $server ;;
-  *) echo "usage: $0 tests|bench|throughput|serve [ARGS...]" >&2; exit 2 ;;
+  structured)
+    python3 scripts/bench_structured_step.py --model-config llama-3.1-8b --out "$OUT/structured_step.json" "$@" 2>&1 \
+      | tee -a "$OUT/structured_step.log" ;;
+  *) echo "usage: $0 tests|bench|throughput|serve|structured [ARGS...]" >&2; exit 2 ;;
 esac
