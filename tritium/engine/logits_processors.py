@@ -87,7 +87,7 @@ class LogitsProcessors:
         bias = [i for i, p in enumerate(params) if p.logit_bias]
         blocked = [i for i, (s, pos) in enumerate(zip(seqs, positions))
                    if s.grammar is None and pos + 1 - len(s.prompt_ids) < s.params.min_tokens]
-        penalized = [i for i, p in enumerate(params) if p.penalized]
+        penalized = _penalized(seqs)
         if not (grammar or bias or blocked or penalized):
             return logits
         logits = logits.clone()
@@ -124,10 +124,16 @@ class LogitsProcessors:
 
     def record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
         """After sampling: count the tokens of the penalized rows on the device."""
-        penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
+        penalized = _penalized(seqs)
         if penalized:
             rows = tokens if len(penalized) == len(seqs) else tokens[torch.tensor(penalized, device=tokens.device)]
             self.penalties.record(self.penalties.rows([seqs[i] for i in penalized]), rows)
 
     def release(self, seq: Sequence) -> None:
         self.penalties.release(seq)
+
+
+def _penalized(seqs: list[Sequence]) -> list[int]:
+    """Rows that need penalty counts. A sequence that ended (or was aborted) before a deferred sampling ran has
+    given its row back: it samples unpenalized, and its token is dropped anyway."""
+    return [i for i, s in enumerate(seqs) if s.params.penalized and s.finish_reason is None]
