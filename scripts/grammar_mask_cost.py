@@ -65,7 +65,8 @@ def llguidance_rows(tokenizer_json: str, eos: int, vocab: int, batch: int):
 
     tok = llguidance.LLTokenizer(Path(tokenizer_json).read_text(), n_vocab=vocab, eos_token=eos)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
-    rows = [llguidance.LLMatcher(tok, grammar) for _ in range(batch)]
+    first = llguidance.LLMatcher(tok, grammar)  # copies share its lexer's lazily built states: its best case
+    rows = [first.deep_copy() for _ in range(batch)]
 
     def fill(mask: torch.Tensor) -> None:
         for i, row in enumerate(rows):
