@@ -5,9 +5,9 @@ preemption: the outputs it has matched are kept) and fills a bitmask of the toke
 Why xgrammar (measured on this project's 2-core CPU, Llama 3.1's 128,256-token vocabulary, batch 64, a JSON
 schema of 6 fields, CPU time per step to fill the 64 masks, `scripts/grammar_mask_cost.py`): xgrammar 1.5-3.1 ms
 (23-49 us a row), llguidance 7.7-15.9 ms, outlines-core 6.6 ms after a 55 s index build for that one schema
-(docs/structured_output.md). xgrammar's
-masks come from a cache built at compile time for the tokens whose fate does not depend on the stack.
-xgrammar is imported on the first structured request (it imports transformers, ~3 s)."""
+(docs/structured_output.md). xgrammar's masks come from a cache built at compile time for the tokens whose fate
+does not depend on the parser's stack. xgrammar is imported on the first structured request (it imports
+transformers, ~3 s)."""
 
 import json
 import threading
