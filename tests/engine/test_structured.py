@@ -133,9 +133,10 @@ def test_a_sequence_that_ends_before_its_deferred_sampling_gives_its_rows_back(d
     runs later leaves no penalty row behind."""
     engine = demo.engine
     spec = StructuredOutputsParams(regex=r"(ab)+")
-    stopped = SamplingParams(temperature=0, max_tokens=12, stop="abab", frequency_penalty=0.5, structured_outputs=spec)
-    longer = SamplingParams(temperature=0, max_tokens=12, frequency_penalty=0.5, structured_outputs=spec)
+    stopped = SamplingParams(temperature=0.5, seed=1, max_tokens=12, stop="abab", frequency_penalty=0.5,
+                             structured_outputs=spec)
+    longer = SamplingParams(temperature=0.5, seed=2, max_tokens=12, frequency_penalty=0.5, structured_outputs=spec)
     outs = demo.generate(["x", "y"], [stopped, longer], use_tqdm=False)
     assert outs[0].outputs[0].text == "" and outs[0].outputs[0].stop_reason == "abab"
     assert len(outs[1].outputs[0].token_ids) > len(outs[0].outputs[0].token_ids)
-    assert engine.runner.processors.penalties.row_of == {}
+    assert engine.runner.processors.penalties.row_of == {} and engine.runner.generators == {}

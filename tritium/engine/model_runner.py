@@ -186,8 +186,8 @@ class ModelRunner:
         return self.model(ids, to(positions, torch.long), meta, self.kv_caches)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None or seq.params.greedy:
-            return None
+        if seq.params.seed is None or seq.params.greedy or seq.finish_reason is not None:
+            return None  # (an ended sequence in a deferred sampling: its generator was released, its token dropped)
         if seq.seq_id not in self.generators:
             # Each of a request's samples has its own stream, so they differ and still reproduce.
             self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed + seq.index)
