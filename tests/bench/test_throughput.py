@@ -4,7 +4,7 @@ of Tritium's weights onto transformers' model, the model shapes, and the command
 import pytest
 import torch
 
-from tests.models.test_llama import save_family
+from tests.models.helpers import save_family
 from tritium.bench.hf_peer import hf_state_dict
 from tritium.bench.throughput import Workload, _warm_up, result_name
 from tritium.cli import main

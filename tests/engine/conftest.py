@@ -4,7 +4,7 @@ import pytest
 import transformers
 
 from tests.engine.helpers import save_tokenizer
-from tests.models.test_llama import save_family
+from tests.models.helpers import save_family
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.engine.helpers import SENTENCES
-from tests.models.test_llama import save_family
+from tests.models.helpers import save_family
 from tritium import LLM, SamplingParams
 
 MAX_NEW = 6

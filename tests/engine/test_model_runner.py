@@ -5,7 +5,7 @@ nothing launched ahead, through stop tokens, a request arriving mid-run and an a
 import pytest
 import torch
 
-from tests.models.test_llama import save_family
+from tests.models.helpers import save_family
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.model_runner import ModelRunner

@@ -3,7 +3,7 @@ would be off by radians a few thousand positions in), and logits close to the fl
 
 import torch
 
-from tests.models.test_llama import PagedBatch, save_family
+from tests.models.helpers import PagedBatch, save_family
 from tritium.models.loader import load_model
 
 

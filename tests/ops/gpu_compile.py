@@ -56,20 +56,34 @@ KV_CACHE_CASES = {
     "kv_cache_fp8_from_bf16": ("bfloat16", "float8_e4m3fn", 8, 128, 16, "int64"),
     "kv_cache_fp16_3_heads_d80": ("float16", "float16", 3, 80, 16, "int32"),
 }
-# Glue kernel cases: op, dtype, sizes. rms_norm: x's shape, with a residual; rotary_and_cache: q heads, kv heads,
-# head size, page size, slot dtype; silu_and_mul: tokens, intermediate size.
+# Glue kernel cases: op, dtype, sizes. rms_norm: x's shape, with a residual, Gemma's unit offset; rotary_and_cache:
+# q heads, kv heads, head size, page size, slot dtype; silu_and_mul / gelu_and_mul: tokens, intermediate size.
 GLUE_CASES = {
-    "rms_norm_bf16_hidden4096_residual": ("rms_norm", "bfloat16", ((4, 4096), True)),
-    "rms_norm_fp16_hidden5120": ("rms_norm", "float16", ((4, 5120), False)),
-    "rms_norm_bf16_qk_heads_d128": ("rms_norm", "bfloat16", ((4, 32, 128), False)),
-    "rms_norm_fp32_hidden80_residual": ("rms_norm", "float32", ((4, 80), True)),
+    "rms_norm_bf16_hidden4096_residual": ("rms_norm", "bfloat16", ((4, 4096), True, False)),
+    "rms_norm_fp16_hidden5120": ("rms_norm", "float16", ((4, 5120), False, False)),
+    "rms_norm_bf16_qk_heads_d128": ("rms_norm", "bfloat16", ((4, 32, 128), False, False)),
+    "rms_norm_fp32_hidden80_residual": ("rms_norm", "float32", ((4, 80), True, False)),
+    "rms_norm_bf16_gemma_hidden3584_residual": ("rms_norm", "bfloat16", ((4, 3584), True, True)),
+    "rms_norm_bf16_gemma_qk_heads_d256": ("rms_norm", "bfloat16", ((4, 8, 256), False, True)),
     "rotary_bf16_d128_g4": ("rotary_and_cache", "bfloat16", (32, 8, 128, 16, "int64")),
     "rotary_fp16_d80_g5_int32": ("rotary_and_cache", "float16", (20, 4, 80, 16, "int32")),
     "rotary_bf16_d256_mqa": ("rotary_and_cache", "bfloat16", (64, 1, 256, 64, "int64")),
     "silu_and_mul_bf16_14336": ("silu_and_mul", "bfloat16", (4, 14336)),
     "silu_and_mul_fp16_112": ("silu_and_mul", "float16", (4, 112)),
+    "gelu_and_mul_bf16_14336": ("gelu_and_mul", "bfloat16", (4, 14336)),
 }
-CASES = [*ATTENTION_CASES, *KV_CACHE_CASES, *GLUE_CASES]
+# Fused-MoE cases: dtype, (experts, top_k, hidden, inter), gate_up and down configs (block_m, block_n, block_k,
+# num_warps, num_stages). Sizes are runtime arguments: small ones with the real ones' divisibility compile the same
+# code as Mixtral's (4096, 14336) and Qwen3-MoE's (2048, 768).
+MOE_CASES = {
+    "moe_decode_bf16_e8_k2": ("bfloat16", (8, 2, 512, 1024), ((16, 64, 128, 4, 4), (16, 64, 128, 4, 4))),
+    "moe_decode_bf16_deep_k": ("bfloat16", (8, 2, 512, 1024), ((16, 32, 256, 4, 5), (16, 128, 256, 4, 3))),
+    "moe_mid_fp16_e128_k8": ("float16", (128, 8, 256, 768), ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3))),
+    "moe_prefill_bf16_e8_k2": ("bfloat16", (8, 2, 512, 1024), ((128, 128, 64, 8, 3), (128, 128, 64, 8, 3))),
+    "moe_prefill_bf16_e128_k8": ("bfloat16", (128, 8, 256, 768), ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3))),
+    "moe_odd_fp32": ("float32", (6, 3, 48, 80), ((16, 32, 32, 4, 2), (16, 16, 32, 4, 2))),
+}
+CASES = [*ATTENTION_CASES, *KV_CACHE_CASES, *GLUE_CASES, *MOE_CASES]
 
 
 def _install_compiler():
@@ -143,18 +157,18 @@ def _run_glue(case):
     """Calls the launchers, not the public functions: on CPU tensors those run torch, not the kernels."""
     import torch
 
-    from tritium.ops.activation import _launch_silu_and_mul
+    from tritium.ops.activation import _launch_act_and_mul
     from tritium.ops.rms_norm import _launch_rms_norm
     from tritium.ops.rotary import _launch_rotary_and_cache
 
     op, dtype, sizes = case
     dtype = getattr(torch, dtype)
     if op == "rms_norm":
-        shape, residual = sizes
+        shape, residual, unit_offset = sizes
         x = torch.randn(shape).to(dtype)
         out = torch.empty_like(x)
         _launch_rms_norm(x, torch.ones(shape[-1]).to(dtype), 1e-6, x.clone() if residual else None, out,
-                         torch.empty_like(x) if residual else None)
+                         torch.empty_like(x) if residual else None, unit_offset)
     elif op == "rotary_and_cache":
         hq, hkv, d, page, slot = sizes
         q, k = torch.randn(4, hq, d).to(dtype), torch.randn(4, hkv, d).to(dtype)
@@ -163,8 +177,23 @@ def _run_glue(case):
                                  torch.arange(4).to(getattr(torch, slot)))
     else:
         tokens, intermediate = sizes
-        _launch_silu_and_mul(torch.randn(tokens, 2 * intermediate).to(dtype),
-                             torch.empty(tokens, intermediate).to(dtype))
+        activation = "gelu_tanh" if op == "gelu_and_mul" else "silu"
+        _launch_act_and_mul(torch.randn(tokens, 2 * intermediate).to(dtype),
+                            torch.empty(tokens, intermediate).to(dtype), activation)
+
+
+def _run_moe(case):
+    import torch
+
+    from tritium.ops import select_experts
+    from tritium.ops.moe import GemmConfig, MoEConfig, kernel
+
+    dtype, (experts, top_k, hidden, inter), (gate_up, down) = case
+    dtype = getattr(torch, dtype)
+    x = torch.randn(5, hidden).to(dtype)
+    weights, ids = select_experts(torch.randn(5, experts), top_k, renormalize=True)
+    kernel.launch(x, torch.randn(experts, 2 * inter, hidden).to(dtype), torch.randn(experts, hidden, inter).to(dtype),
+                  weights, ids, torch.empty_like(x), MoEConfig(GemmConfig(*gate_up), GemmConfig(*down)))
 
 
 def _describe(exc: BaseException) -> str:
@@ -194,6 +223,8 @@ def main() -> dict:
                 _run_attention(ATTENTION_CASES[name])
             elif name in KV_CACHE_CASES:
                 _run_kv_cache(KV_CACHE_CASES[name])
+            elif name in MOE_CASES:
+                _run_moe(MOE_CASES[name])
             else:
                 _run_glue(GLUE_CASES[name])
             results[name] = {"ok": True, "error": "", "shared": max(shared for _, shared in compiled)}

@@ -1,12 +1,14 @@
-"""`silu_and_mul`: the Triton kernel (through the interpreter here) and the torch path against float64; bad
-arguments."""
+"""`silu_and_mul` and `gelu_and_mul`: the Triton kernel (through the interpreter here) and the torch path against
+float64; bad arguments."""
+
+import math
 
 import pytest
 import torch
 
 from tests.ops.helpers import NAN, rel_err
-from tritium.ops import silu_and_mul
-from tritium.ops.activation import _launch_silu_and_mul, _silu_and_mul_torch
+from tritium.ops import gelu_and_mul, silu_and_mul
+from tritium.ops.activation import _act_and_mul_torch, _launch_act_and_mul
 
 # ||out - ref|| / ||ref|| against float64: computed in fp32, rounded once to the dtype.
 BOUND = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -21,15 +23,17 @@ def draw(num_tokens, intermediate, dtype, gen, strided=False, device="cpu"):
     return wide.to(dtype).to(device)[:, : 2 * intermediate]
 
 
-def reference(x: torch.Tensor) -> torch.Tensor:
+def reference(x: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     gate, up = x.double().chunk(2, dim=-1)
+    if activation == "gelu_tanh":  # GELU's tanh approximation, as torch's gelu(approximate="tanh") defines it
+        return 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) * up
     return gate * torch.sigmoid(gate) * up
 
 
-def kernel(x: torch.Tensor) -> torch.Tensor:
+def kernel(x: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """The Triton kernel on any device, into an output poisoned with NaN."""
     out = torch.full((x.shape[0], x.shape[1] // 2), NAN, dtype=x.dtype, device=x.device)
-    _launch_silu_and_mul(x, out)
+    _launch_act_and_mul(x, out, activation)
     return out
 
 
@@ -41,31 +45,36 @@ def check(got, want, dtype, what):
 
 # exp(-gate) overflows to inf for gates far below zero, by design (silu -> -0); numpy in the interpreter says so.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize(("dtype", "num_tokens", "intermediate", "strided"), [
-    (torch.float32, 5, 80, False),
-    (torch.float16, 7, 112, True),
-    (torch.float32, 3, 1500, True),  # two programs per token, the second partly masked
-    (torch.float16, 4, 2048, False),
-    (torch.float32, 2, 3, False),
+@pytest.mark.parametrize(("dtype", "num_tokens", "intermediate", "strided", "activation"), [
+    (torch.float32, 5, 80, False, "silu"),
+    (torch.float16, 7, 112, True, "silu"),
+    (torch.float32, 3, 1500, True, "silu"),  # two programs per token, the second partly masked
+    (torch.float16, 4, 2048, False, "silu"),
+    (torch.float32, 2, 3, False, "silu"),
+    (torch.float32, 5, 80, True, "gelu_tanh"),
+    (torch.float16, 3, 1500, False, "gelu_tanh"),
 ])
-def test_kernel_and_torch_match_float64(dtype, num_tokens, intermediate, strided, gen):
+def test_kernel_and_torch_match_float64(dtype, num_tokens, intermediate, strided, activation, gen):
     x = draw(num_tokens, intermediate, dtype, gen, strided)
-    want = reference(x)
-    out = kernel(x)
-    torch_out = _silu_and_mul_torch(x)
+    want = reference(x, activation)
+    out = kernel(x, activation)
+    torch_out = _act_and_mul_torch(x, activation)
     assert out.shape == torch_out.shape == (num_tokens, intermediate)
     check(out, want, dtype, "kernel")
     check(torch_out, want, dtype, "torch")
     check(out, torch_out, dtype, "kernel vs torch")
 
 
-def test_public_function_on_cpu(gen):
+def test_public_functions_on_cpu(gen):
     x = draw(6, 40, torch.float32, gen)
-    assert torch.equal(silu_and_mul(x), _silu_and_mul_torch(x))
+    assert torch.equal(silu_and_mul(x), _act_and_mul_torch(x, "silu"))
+    assert torch.equal(gelu_and_mul(x), _act_and_mul_torch(x, "gelu_tanh"))
+    assert not torch.equal(silu_and_mul(x), gelu_and_mul(x))
 
 
 def test_no_tokens():
     assert kernel(torch.empty(0, 64)).shape == (0, 32)
+    assert gelu_and_mul(torch.empty(0, 64)).shape == (0, 32)
 
 
 ERRORS = {
@@ -80,20 +89,22 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("name", list(ERRORS))
-def test_errors(name):
+@pytest.mark.parametrize("op", [silu_and_mul, gelu_and_mul])
+def test_errors(name, op):
     x, pattern = ERRORS[name]
     with pytest.raises(ValueError, match=pattern):
-        silu_and_mul(x)
+        op(x)
 
 
 @pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(300, 14336), (257, 11008), (1000, 768), (3, 3000)])
-def test_gpu_matches_torch(dtype, num_tokens, intermediate):
+@pytest.mark.parametrize(("op", "activation"), [(silu_and_mul, "silu"), (gelu_and_mul, "gelu_tanh")])
+def test_gpu_matches_torch(dtype, num_tokens, intermediate, op, activation):
     """The kernel on CUDA (through the public function) against the torch path on the same CUDA tensors."""
     x = draw(num_tokens, intermediate, dtype, torch.Generator().manual_seed(intermediate), strided=True, device="cuda")
     assert not x.is_contiguous()
-    out = silu_and_mul(x)
-    check(out, _silu_and_mul_torch(x), dtype, "kernel vs torch")
-    check(out, reference(x.cpu()), dtype, "kernel vs float64")
+    out = op(x)
+    check(out, _act_and_mul_torch(x, activation), dtype, "kernel vs torch")
+    check(out, reference(x.cpu(), activation), dtype, "kernel vs float64")

@@ -22,18 +22,19 @@ def draw(shape, dtype, gen, residual: bool, strided: bool = False, device="cpu")
     return x, weight, res
 
 
-def reference(x, weight, eps, residual):
-    """float64 from the inputs: (normed, x + residual or None)."""
+def reference(x, weight, eps, residual, unit_offset=False):
+    """float64 from the inputs: (normed, x + residual or None); Gemma's scale is 1 + weight."""
     s = x.double() if residual is None else x.double() + residual.double()
-    normed = weight.double() * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    scale = weight.double() + (1.0 if unit_offset else 0.0)
+    normed = scale * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
     return normed, None if residual is None else s
 
 
-def kernel(x, weight, eps, residual):
+def kernel(x, weight, eps, residual, unit_offset=False):
     """The Triton kernel on any device, into outputs poisoned with NaN."""
     out = torch.full(x.shape, NAN, dtype=x.dtype, device=x.device)
     residual_out = None if residual is None else torch.full_like(out, NAN)
-    _launch_rms_norm(x, weight, eps, residual, out, residual_out)
+    _launch_rms_norm(x, weight, eps, residual, out, residual_out, unit_offset)
     return out, residual_out
 
 
@@ -70,6 +71,28 @@ def test_kernel_and_torch_match_float64(dtype, shape, residual, strided, gen):
         check(res_out, want_res, dtype, "kernel residual")
         assert torch.equal(res_out, torch_res), "x + residual is one fp32 add rounded once, in both paths"
     assert torch.equal(x, x_before) and (res is None or torch.equal(res, res_before)), "inputs were modified"
+
+
+@pytest.mark.parametrize(("dtype", "shape", "residual", "strided"), [
+    (torch.float32, (7, 80), True, False),
+    (torch.float16, (3, 1000), False, True),
+    (torch.float16, (5, 4, 64), False, False),  # Gemma 3's per-head q/k norm
+])
+def test_unit_offset_matches_float64(dtype, shape, residual, strided, gen):
+    """Gemma's norm: weights near 0 scale by 1 + weight, in fp32 with one rounding, in the kernel and in torch."""
+    x, weight, res = draw(shape, dtype, gen, residual, strided)
+    weight = (weight.float() - 1.0).to(dtype)
+    want, want_res = reference(x, weight, 1e-6, res, unit_offset=True)
+    out, res_out = kernel(x, weight, 1e-6, res, unit_offset=True)
+    torch_out = _rms_norm_torch(x, weight, 1e-6, res, unit_offset=True)
+    torch_out = torch_out if res is None else torch_out[0]
+    check(out, want, dtype, "kernel")
+    check(torch_out, want, dtype, "torch")
+    check(out, torch_out, dtype, "kernel vs torch")
+    if residual:
+        check(res_out, want_res, dtype, "kernel residual")
+    public = rms_norm(x, weight, 1e-6, res, unit_offset=True)
+    assert torch.equal(public if res is None else public[0], torch_out), "on the CPU the public function is torch's"
 
 
 def test_public_function_on_cpu(gen):
@@ -126,16 +149,18 @@ def test_errors(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("shape", "residual"), [((300, 4096), True), ((257, 5120), True), ((300, 32, 128), False),
                                                  ((129, 8, 128), False)])
-def test_gpu_matches_torch(dtype, shape, residual):
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_gpu_matches_torch(dtype, shape, residual, unit_offset):
     """The kernel on CUDA (through the public function) against the torch path on the same CUDA tensors."""
     gen = torch.Generator().manual_seed(shape[-1] + len(shape))
     x, weight, res = draw(shape, dtype, gen, residual, strided=True, device="cuda")
     assert not x.is_contiguous()
-    got = rms_norm(x, weight, 1e-6, res)
+    got = rms_norm(x, weight, 1e-6, res, unit_offset)
     out, res_out = (got, None) if res is None else got
-    want = _rms_norm_torch(x, weight, 1e-6, res)
+    want = _rms_norm_torch(x, weight, 1e-6, res, unit_offset)
     want, want_res = (want, None) if res is None else want
     check(out, want, dtype, "kernel vs torch")
-    check(out, reference(x.cpu(), weight.cpu(), 1e-6, None if res is None else res.cpu())[0], dtype, "vs float64")
+    check(out, reference(x.cpu(), weight.cpu(), 1e-6, None if res is None else res.cpu(), unit_offset)[0], dtype,
+          "vs float64")
     if residual:
         assert torch.equal(res_out, want_res)

@@ -9,7 +9,7 @@ from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
 from tritium.engine.logits_processors import LogitsProcessors
 from tritium.engine.sampler import Sampled, sample
 from tritium.engine.sequence import Sequence
-from tritium.engine.warm_up import TABLE_ALIGN, warm_up_attention
+from tritium.engine.warm_up import TABLE_ALIGN, warm_up_model
 from tritium.models.attention import AttentionMetadata
 from tritium.models.llama import LlamaForCausalLM
 
@@ -77,8 +77,7 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         self.processors = LogitsProcessors(cfg.vocab_size, device, eos_ids)
         if backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
-            attn = model.model.layers[0].self_attn
-            warm_up_attention(self.kv_caches[0], attn.num_heads, attn.scale, attn.sliding_window, max_tokens, max_seqs)
+            warm_up_model(model, self.kv_caches[0], max_tokens, max_seqs)
         self.graphs = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // page_size), page_size)

@@ -1,10 +1,13 @@
-"""Compile, before the first request, every variant of the attention kernel that the engine's steps can launch, so
-that no request waits for Triton's compiler (a second or two per variant on an H100 the first time, then Triton's
-on-disk cache).
+"""Compile, before the first request, every variant of the attention and MoE kernels that the engine's steps can
+launch, so that no request waits for Triton's compiler (a second or two per variant on an H100 the first time,
+then Triton's on-disk cache).
 
-A variant is fixed by the launch config's compile-time fields, and the config by the batch's problem class (query
-tokens per sequence, (sequence, KV head) programs), never by lengths. So a representative batch of each class the
-scheduler can build gives every config, and one one-token launch per distinct variant compiles it.
+An attention variant is fixed by the launch config's compile-time fields, and the config by the batch's problem
+class (query tokens per sequence, (sequence, KV head) programs), never by lengths; the layer's switches (a sliding
+window, a soft-cap) are compiled in too. So a representative batch of each class the scheduler can build gives
+every config, and one one-token launch per distinct variant and kind of layer compiles it. A MoE layer's config
+follows from its shape and the step's token count rounded up to a power of two, so one one-token launch per
+distinct config of those counts compiles its kernels.
 """
 
 import dataclasses
@@ -13,7 +16,11 @@ import torch
 import triton
 from tqdm import tqdm
 
+from tritium.models.llama import Attention
+from tritium.models.moe import SparseMoE
 from tritium.ops.attention import AttentionConfig, choose_config, unified_attention, window_size
+from tritium.ops.moe import MoEConfig, fused_moe
+from tritium.ops.moe import choose_config as choose_moe_config
 
 # Query tokens per sequence that reach every class: decode-q1/q2/q4/q8 (3 and 5 round up to 4 and 8), mixed
 # (9 to 256) and prefill (more).
@@ -43,9 +50,30 @@ def attention_variants(device: torch.device, max_num_batched_tokens: int, max_nu
     return list(found)
 
 
+def moe_variants(device: torch.device, max_num_batched_tokens: int, num_experts: int, top_k: int, hidden: int,
+                 inter: int) -> list[MoEConfig]:
+    """The distinct configs of a MoE layer's steps: one per power of two of tokens up to the budget's."""
+    counts = [1 << i for i in range((max_num_batched_tokens - 1).bit_length() + 1)]
+    return list({choose_moe_config(device, t, num_experts, top_k, hidden, inter): None for t in counts})
+
+
+def warm_up_model(model: torch.nn.Module, kv_cache: tuple[torch.Tensor, torch.Tensor], max_num_batched_tokens: int,
+                  max_num_seqs: int) -> None:
+    """Compile the kernels of each kind of attention layer (window, soft-cap) and each MoE layer shape of `model`
+    (all layers' caches are alike: one serves)."""
+    kinds = {(m.num_heads, m.scale, m.sliding_window, m.softcap): None for m in model.modules()
+             if isinstance(m, Attention)}
+    for num_heads, scale, window, softcap in kinds:
+        warm_up_attention(kv_cache, num_heads, scale, window, softcap, max_num_batched_tokens, max_num_seqs)
+    shapes = {m.experts.down_proj.shape + (m.top_k,): m for m in model.modules() if isinstance(m, SparseMoE)}
+    for moe in shapes.values():
+        warm_up_moe(moe, max_num_batched_tokens)
+
+
 @torch.inference_mode()
 def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], num_q_heads: int, scale: float,
-                      sliding_window: int | None, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+                      sliding_window: int | None, softcap: float, max_num_batched_tokens: int,
+                      max_num_seqs: int) -> None:
     """Launch each variant once on a one-token batch over the real cache (same strides and dtypes as the steps':
     the same specialisations), writing nothing."""
     k_cache, v_cache = kv_cache
@@ -60,5 +88,18 @@ def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], num_q_heads: 
     window = window_size(sliding_window)
     for config in tqdm(configs, desc="compiling attention", unit="variant", leave=False):
         unified_attention(q, k_cache, v_cache, torch.empty_like(q), cu_seqlens_q, 1, seqused_k, 1, scale, True,
-                          window, block_table, 0.0, None, None, None, config=config)
+                          window, block_table, softcap, None, None, None, config=config)
     torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def warm_up_moe(moe: SparseMoE, max_num_batched_tokens: int) -> None:
+    """Launch the layer's experts once per config its steps can get, on one token routed as the layer routes."""
+    w13, w2 = moe.experts.gate_up_proj, moe.experts.down_proj
+    num_experts, hidden, inter = w2.shape
+    x = torch.randn(1, hidden, dtype=w2.dtype, device=w2.device)
+    weights, ids = moe.route(x)
+    for config in tqdm(moe_variants(w2.device, max_num_batched_tokens, num_experts, moe.top_k, hidden, inter),
+                       desc="compiling experts", unit="variant", leave=False):
+        fused_moe(x, w13, w2, weights, ids, config=config)
+    torch.cuda.synchronize(w2.device)

@@ -35,19 +35,21 @@ class AttentionMetadata:
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, sliding_window: int | None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [tokens, q_heads, d], k/v [tokens, kv_heads, d], not yet rotated -> [tokens, q_heads, d], causal.
-    q is rotated in place; rotated k and v go into the caches, from which both backends read every key."""
+    """q [tokens, q_heads, d], k/v [tokens, kv_heads, d], not yet rotated -> [tokens, q_heads, d], causal, over the
+    last `sliding_window` keys if given, logits soft-capped at `softcap` if positive. q is rotated in place;
+    rotated k and v go into the caches, from which both backends read every key."""
     rotary_and_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
     window = window_size(sliding_window)
     if meta.backend == "triton":
         out = torch.empty_like(q)
-        call = meta.prepared.get((window, scale))
+        call = meta.prepared.get((window, scale, softcap))
         if call is None:
-            call = meta.prepared[(window, scale)] = prepare_attention(
+            call = meta.prepared[(window, scale, softcap)] = prepare_attention(
                 q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.max_seqlen_q, meta.seqused_k, meta.max_seqlen_k,
-                scale, True, window, meta.block_table, 0.0, None, None, None)
+                scale, True, window, meta.block_table, softcap, None, None, None)
         return call.run(q, k_cache, v_cache, out)
     out, _ = attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seqused_k, meta.block_table, scale,
-                                 window_size=window, dtype=torch.float32)
+                                 window_size=window, softcap=softcap, dtype=torch.float32)
     return out.to(q.dtype)

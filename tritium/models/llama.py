@@ -1,4 +1,5 @@
-"""One model file for the Llama-like families: Llama 2/3/3.1, Mistral, Qwen2, Qwen3.
+"""One model file for the Llama-like families: Llama 2/3/3.1, Mistral, Qwen2, Qwen3; its layers also build
+Gemma (gemma.py) and the mixture-of-experts families (moe.py).
 
 Tokens of all sequences in a step are flattened into one batch ([num_tokens, hidden]); attention goes
 through the paged KV cache (`paged_attention`), everything else is per token. q/k/v and gate/up are fused
@@ -7,35 +8,40 @@ plain `nn.Linear` so column/row-parallel versions can replace them for tensor pa
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from tritium.models.attention import AttentionMetadata, paged_attention
 from tritium.models.config import ModelConfig
-from tritium.ops import rms_norm, rotary_cos_sin_cache, silu_and_mul
+from tritium.ops import gelu_and_mul, rms_norm, rotary_cos_sin_cache, silu_and_mul
 
 
 class RMSNorm(nn.Module):
-    """Holds the weight; forward(x) -> normed, or forward(x, residual) -> (normed, x + residual)."""
+    """Holds the weight; forward(x) -> normed, or forward(x, residual) -> (normed, x + residual). With
+    `unit_offset` (Gemma) the weight is stored as the scale minus 1, so it starts at 0."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with Llama-3's scaling of the low frequencies if asked."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    s = config.rope_scaling
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with Llama-3's scaling of the low frequencies or a linear
+    scaling of all of them (Gemma 3's global layers) if asked."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = scaling
     if s is None:
         return inv_freq.float()
+    if s.get("rope_type", s.get("type")) == "linear":
+        return (inv_freq / s["factor"]).float()
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -48,17 +54,21 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Attention of layer `layer`: its sliding window, the family's softmax scale and logit soft-cap."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.qkv_proj.shards = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.sliding_window = config.sliding_window
-        self.scale = self.head_dim**-0.5
+        norm = (self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+        self.q_norm = RMSNorm(*norm) if config.qk_norm else None
+        self.k_norm = RMSNorm(*norm) if config.qk_norm else None
+        self.sliding_window = config.layer_windows[layer]
+        self.softcap = config.attn_softcap
+        self.scale = config.attention_scale
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -71,7 +81,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = paged_attention(q, k, v, positions, cos_sin_cache, kv_cache[0], kv_cache[1], meta, self.scale,
-                              self.sliding_window)
+                              self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(tokens, q_size))
 
 
@@ -82,18 +92,21 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
         self.gate_up_proj.shards = {"gate": (0, size), "up": (size, size)}
         self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.act_and_mul = gelu_and_mul if config.hidden_act == "gelu_pytorch_tanh" else silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Layer `layer`; its MLP is `mlp` when given (a mixture of experts), else a dense one."""
+
+    def __init__(self, config: ModelConfig, layer: int, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if mlp is None else mlp
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 cos_sin_cache: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -110,26 +123,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, make_layer: Callable[[ModelConfig, int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(token ids, positions, metadata, caches) -> hidden states; logits() for the rows sampled from."""
+    """forward(token ids, positions, metadata, caches) -> hidden states; logits() for the rows sampled from.
+    `make_layer(config, i)` builds layer i (a family with other layers passes its own)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, make_layer: Callable[[ModelConfig, int], nn.Module] = DecoderLayer,
+                 ) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, make_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # float32 whatever the model's dtype: the loader casts only parameters.
-        self.register_buffer("cos_sin_cache", rotary_cos_sin_cache(rope_inv_freq(config),
-                                                                   config.max_position_embeddings), persistent=False)
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("cos_sin_cache", rotary_cos_sin_cache(inv_freq, config.max_position_embeddings),
+                             persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

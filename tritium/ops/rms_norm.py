@@ -1,4 +1,5 @@
-"""`rms_norm`: RMSNorm over the last dimension, optionally fused with the residual add before it."""
+"""`rms_norm`: RMSNorm over the last dimension, optionally fused with the residual add before it; Gemma's variant
+scales by (1 + weight)."""
 
 import torch
 import triton
@@ -13,7 +14,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
     stride_x_token, stride_x_head, stride_residual_token, stride_residual_head,
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HIDDEN: tl.constexpr, HIDDEN_PAD: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, HEADS_PAD)
@@ -29,13 +30,17 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + dst, x, mask=mask)
         x = x.to(tl.float32)
     mean_square = tl.sum(x * x, axis=1) / HIDDEN
-    normed = (x * tl.rsqrt(mean_square + eps)[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
+    normed = x * tl.rsqrt(mean_square + eps)[:, None]
     weight = tl.load(weight_ptr + offs_d, mask=offs_d < HIDDEN, other=0.0).to(tl.float32)
-    tl.store(out_ptr + dst, (normed * weight[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    if UNIT_OFFSET:  # Gemma: (1 + weight) in fp32, one rounding at the end
+        out = normed * (1.0 + weight[None, :])
+    else:  # Llama: the normalised value is rounded to the dtype before the weight
+        out = normed.to(out_ptr.dtype.element_ty).to(tl.float32) * weight[None, :]
+    tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                     out: torch.Tensor, residual_out: torch.Tensor | None) -> None:
+                     out: torch.Tensor, residual_out: torch.Tensor | None, unit_offset: bool = False) -> None:
     """Run the kernel on checked arguments; out and residual_out are contiguous, of x's shape and dtype."""
     num_tokens = x.shape[0]
     if num_tokens == 0:
@@ -49,17 +54,21 @@ def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
         x3.stride(0), x3.stride(1), res3.stride(0), res3.stride(1),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HIDDEN=hidden,
         HIDDEN_PAD=triton.next_power_of_2(hidden), ADD_RESIDUAL=residual is not None,
-        num_warps=max(1, min(16, tile // 512)),
+        UNIT_OFFSET=unit_offset, num_warps=max(1, min(16, tile // 512)),
     )
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                    unit_offset: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function in plain PyTorch: the CPU path, and the judge of the kernel in the tests."""
     if residual is not None:
         x = residual = (x.float() + residual.float()).to(x.dtype)
     x32 = x.float()
-    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        normed = (normed * (1.0 + weight.float())).to(x.dtype)
+    else:
+        normed = weight * normed.to(x.dtype)
     return normed if residual is None else (normed, residual)
 
 
@@ -91,15 +100,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Te
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             unit_offset: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """weight * x / rms(x) over the last dimension of x [tokens, hidden] or [tokens, heads, head_size] (Qwen3's
     q/k norm), normalised in fp32 and rounded to x's dtype before the weight (as Hugging Face's RMSNorm). With a
     residual, x + residual is normalised instead and returned too: (normed, x + residual), one pass over memory.
+    `unit_offset` is Gemma's norm: (1 + weight) * x / rms(x), all in fp32, rounded once.
     """
     _check(x, weight, eps, residual)
     if x.device.type != "cuda":
-        return _rms_norm_torch(x, weight, eps, residual)
+        return _rms_norm_torch(x, weight, eps, residual, unit_offset)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     residual_out = None if residual is None else torch.empty_like(out)
-    _launch_rms_norm(x, weight, eps, residual, out, residual_out)
+    _launch_rms_norm(x, weight, eps, residual, out, residual_out, unit_offset)
     return out if residual is None else (out, residual_out)
