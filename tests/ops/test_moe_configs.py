@@ -20,16 +20,17 @@ def entry(block_m: int) -> dict:
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    """An empty user cache of our own, under the CPU's device key; memoized tables dropped before and after."""
+    """An empty user cache of our own, under the CPU's device key ("cpu"); memoized tables dropped before and
+    after."""
     monkeypatch.setenv("TRITIUM_CACHE_DIR", str(tmp_path))
-    configs._table.cache_clear()
+    configs._table_choice.cache_clear()
     yield tmp_path
-    configs._table.cache_clear()
+    configs._table_choice.cache_clear()
 
 
 def write_cache(cache_dir, tables: dict) -> None:
     (cache_dir / "moe_configs.json").write_text(json.dumps(tables))
-    configs._table.cache_clear()
+    configs._table_choice.cache_clear()
 
 
 @pytest.mark.parametrize("tokens, bucket", [(1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (4096, 4096), (5000, 8192)])
@@ -62,12 +63,21 @@ def test_user_cache_skips_malformed_entries(cache_dir):
     bad = {"gate_up": {"block_m": 16, "block_n": 32}, "down": entry(16)["down"]}  # block_k missing
     write_cache(cache_dir, {"cpu": {f"moe-{SHAPE}-t1": bad, f"moe-{SHAPE}-t2": entry(32)}})
     with pytest.warns(UserWarning, match="ignoring malformed entries"):
-        table = configs.device_table(CPU)
+        table = configs.table_choice(CPU).entries
     assert list(table) == [f"moe-{SHAPE}-t2"]
     (cache_dir / "moe_configs.json").write_text("{not json")
-    configs._table.cache_clear()
+    configs._table_choice.cache_clear()
     with pytest.warns(UserWarning, match="unreadable"):
-        assert configs.device_table(CPU) == {}
+        assert configs.table_choice(CPU).entries == {}
+
+
+def test_sibling_table(cache_dir, monkeypatch):
+    """A device with no entries of its own runs its nearest same-architecture sibling's."""
+    h100, h200 = "nvidia:NVIDIA H100 80GB HBM3:cc90:sm132", "nvidia:NVIDIA H200:cc90:sm132"
+    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32)}})
+    monkeypatch.setattr(configs, "device_key", lambda device: h200)
+    assert configs.table_choice(CPU).source == "sibling"
+    assert configs.choose_config(CPU, 16, 8, 2, 4096, 14336) == MoEConfig.from_dict(entry(32))
 
 
 def test_defaults_follow_rows_per_expert():

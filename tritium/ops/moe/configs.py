@@ -2,9 +2,10 @@
 
 The class is the layer's shape (experts, experts per token, hidden and intermediate sizes) and the token count
 rounded up to a power of two; like attention's, the choice uses static facts only, so it holds for every replay
-of a captured CUDA graph. Tuned entries (`tritium tune --op moe`) are looked up by device; a class missing from
-the table borrows the entry of the same shape at the nearest token count; a device or shape with no entries
-gets configs derived from the rows each expert can expect.
+of a captured CUDA graph. Tuned entries (`tritium tune --op moe`) are looked up by device, a device without its own
+taking its nearest sibling's (`tritium.ops.devices`); a class missing from the table borrows the entry of the same
+shape at the nearest token count; a shape with no entries gets configs derived from the rows each expert can
+expect.
 """
 
 import functools
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 import triton
 
-from tritium.ops.attention.configs import device_key
 from tritium.ops.attention.configs import user_cache_path as attention_cache_path
+from tritium.ops.devices import TableChoice, choose_table, device_key
 
 _CLASS = re.compile(r"moe-(?P<shape>e(?P<e>\d+)-k(?P<k>\d+)-h(?P<h>\d+)-i(?P<i>\d+))-t(?P<t>\d+)")
 
@@ -136,18 +137,19 @@ def _is_config(fields: object) -> bool:
 
 
 @functools.cache
-def _table(key: str) -> dict[str, dict]:
-    return load_tables().get(key, {})
+def _table_choice(key: str) -> TableChoice:
+    return choose_table(load_tables(), key)
 
 
-def device_table(device: torch.device) -> dict[str, dict]:
-    """The tuned entries of this device (the one place that maps a device to its table)."""
-    return _table(device_key(device))
+def table_choice(device: torch.device) -> TableChoice:
+    """Which tuned table this device runs with (its own, a sibling's, or none) and where it comes from."""
+    return _table_choice(device_key(device))
 
 
 def lookup_tuned(device: torch.device, cls: str) -> MoEConfig | None:
-    """The tuned config of a class, else the entry of the same shape at the nearest token count."""
-    table = device_table(device)
+    """The tuned config of a class from the device's table (`table_choice`), else the entry of the same shape at
+    the nearest token count."""
+    table = table_choice(device).entries
     if cls in table:
         return MoEConfig.from_dict(table[cls])
     wanted = _CLASS.fullmatch(cls)
