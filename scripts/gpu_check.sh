@@ -3,6 +3,8 @@
 #   scripts/gpu_check.sh tests                 -> pytest -m gpu
 #   scripts/gpu_check.sh bench [ARGS...]       -> tritium bench kernels ARGS (results under $OUT)
 #   scripts/gpu_check.sh throughput [ARGS...]  -> tritium bench throughput --model-config llama-3.1-8b ARGS
+#   scripts/gpu_check.sh moe [ARGS...]         -> tritium tune --op moe, then tritium bench moe ARGS on its configs
+#                                                 (the tuned table lands in $OUT/cache/moe_configs.json)
 #   scripts/gpu_check.sh serve [ARGS...]       -> tritium serve (8B shape) + tritium bench serve ARGS, burst then
 #                                                 Poisson at 4 req/s
 #   scripts/gpu_check.sh structured [ARGS...]  -> scripts/bench_structured_step.py --model-config llama-3.1-8b ARGS
@@ -38,6 +40,10 @@ case $what in
       --ignore=tests/engine/test_generation_defaults.py)
     python3 -m pytest -m gpu -q -p no:cacheprovider "${skip[@]}" "$@" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   bench) python3 -m tritium.cli bench kernels --out "$OUT" "$@" 2>&1 | grep -v "scenarios:" | tee -a "$OUT/bench.log" ;;
+  moe)
+    export TRITIUM_CACHE_DIR="$OUT/cache"
+    python3 -m tritium.cli tune --op moe 2>&1 | tr '\r' '\n' | grep -v "/s\]$" | tee -a "$OUT/tune_moe.log"
+    python3 -m tritium.cli bench moe --out "$OUT" "$@" 2>&1 | tr '\r' '\n' | grep -v "/s\]$" | tee -a "$OUT/moe.log" ;;
   throughput)
     python3 -m tritium.cli bench throughput --model-config llama-3.1-8b --out "$OUT" "$@" 2>&1 | tr '\r' '\n' \
       | grep -v "/s\]$" | tee -a "$OUT/throughput.log" ;;
@@ -57,5 +63,5 @@ case $what in
   structured)
     python3 scripts/bench_structured_step.py --model-config llama-3.1-8b --out "$OUT/structured_step.json" "$@" 2>&1 \
       | tee -a "$OUT/structured_step.log" ;;
-  *) echo "usage: $0 tests|bench|throughput|serve|structured [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|bench|throughput|moe|serve|structured [ARGS...]" >&2; exit 2 ;;
 esac

@@ -92,9 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     serve_bench.add_argument("--seed", type=int, default=0)
     serve_bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
 
-    tune = commands.add_parser("tune", help="tune the attention kernel for this GPU and cache the winning configs")
-    tune.add_argument("--scenario", action="append", metavar="TEXT", help="tune only matching scenarios (repeatable)")
-    tune.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (default 16)")
+    moe = suites.add_parser("moe", help="the fused-MoE layer alone, 1 to 4096 tokens, beside PyTorch and a dense GEMM")
+    moe.add_argument("--model-config", action="append", metavar="NAME",
+                     help="MoE layer shapes (repeatable; default: all of " + ", ".join(_moe_shapes()) + ")")
+    moe.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
+                     help="token counts (default 1, 2, 4 .. 4096)")
+    moe.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    moe.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+
+    tune = commands.add_parser("tune", help="tune a kernel (attention, or the fused MoE) for this GPU and cache the "
+                               "winning configs")
+    tune.add_argument("--op", choices=("attention", "moe"), default="attention", help="the kernel to tune")
+    tune.add_argument("--scenario", action="append", metavar="TEXT",
+                      help="attention: tune only matching scenarios (repeatable)")
+    tune.add_argument("--page-size", type=int, default=16, help="attention: KV-cache page size in tokens (default 16)")
+    tune.add_argument("--model-config", action="append", metavar="NAME",
+                      help="moe: tune only these layer shapes (repeatable; default: all of "
+                      + ", ".join(_moe_shapes()) + ")")
+    tune.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
+                      help="moe: token counts to tune (default 1, 2, 4 .. 4096)")
     tune.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     tune.add_argument("--cache", type=Path, default=None,
                       help="JSON file to merge the winners into (default: the user cache the kernel reads)")
@@ -110,14 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench" and args.suite == "serve":
         _bench_serve(parser, args)
     elif args.command == "tune":
-        import torch
-
-        from tritium.bench.tune import tune as run_tune
-
-        try:
-            run_tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
-        except (ValueError, RuntimeError) as exc:
-            parser.exit(2, f"tritium tune: {exc}\n")
+        _tune(parser, args)
+    elif args.command == "bench" and args.suite == "moe":
+        _bench_moe(parser, args)
     elif args.command == "bench" and args.suite == "kernels":
         if args.page_size < 1:
             parser.error(f"--page-size must be a positive number of tokens, got {args.page_size}")
@@ -238,6 +249,46 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                        _engine_config(args, tokenizer=args.tokenizer))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium serve: {exc}\n")
+
+
+def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.op == "moe" and args.scenario:
+        parser.error("--scenario selects attention scenarios; with --op moe use --model-config and --tokens")
+    if args.op == "attention" and (args.model_config or args.tokens):
+        parser.error("--model-config and --tokens go with --op moe")
+    if args.tokens and min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
+    import torch
+
+    try:
+        from tritium.bench.tune import tune as run_tune
+        from tritium.bench.tune import tune_moe
+
+        if args.op == "moe":
+            tune_moe(args.model_config, args.tokens, getattr(torch, args.dtype), args.cache)
+        else:
+            run_tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"tritium tune: {exc}\n")
+
+
+def _bench_moe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tokens and min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
+    import torch
+
+    from tritium.bench.moe import run_moe_bench
+
+    try:
+        run_moe_bench(args.model_config, args.tokens, getattr(torch, args.dtype), args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _moe_shapes() -> list[str]:
+    from tritium.models.shapes import MODEL_SHAPES
+
+    return [name for name, fields in MODEL_SHAPES.items() if "num_experts_per_tok" in fields]
 
 
 def _model_shapes() -> list[str]:

@@ -23,14 +23,14 @@ def cache_dir(tmp_path, monkeypatch):
     """An empty user cache of our own, under the CPU's device key ("cpu"); memoized tables dropped before and
     after."""
     monkeypatch.setenv("TRITIUM_CACHE_DIR", str(tmp_path))
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
     yield tmp_path
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
 
 
 def write_cache(cache_dir, tables: dict) -> None:
     (cache_dir / "moe_configs.json").write_text(json.dumps(tables))
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
 
 
 @pytest.mark.parametrize("tokens, bucket", [(1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (4096, 4096), (5000, 8192)])
@@ -66,7 +66,7 @@ def test_user_cache_skips_malformed_entries(cache_dir):
         table = configs.table_choice(CPU).entries
     assert list(table) == [f"moe-{SHAPE}-t2"]
     (cache_dir / "moe_configs.json").write_text("{not json")
-    configs._table_choice.cache_clear()
+    configs.reload_tables()
     with pytest.warns(UserWarning, match="unreadable"):
         assert configs.table_choice(CPU).entries == {}
 

@@ -73,3 +73,34 @@ def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_moe(rows: list[dict], title: str, path: Path) -> None:
+    """Per MoE shape: each method's ms and the floors against the token count (top), Tritium's share of the memory
+    roofline and of the GEMM ceiling (bottom)."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(max(9, 6 * len(shapes)), 7), squeeze=False, sharex="col")
+    for col, shape in enumerate(shapes):
+        mine = [r for r in rows if r["shape"] == shape]
+        tokens = [r["tokens"] for r in mine]
+        top, bottom = axes[0][col], axes[1][col]
+        for method in ("tritium", "loop", "dense"):
+            top.plot(tokens, [r["ms"][method] for r in mine], marker="o", markersize=3, label=method)
+        if "memory_floor_ms" in mine[0]:
+            top.plot(tokens, [r["memory_floor_ms"] for r in mine], linestyle="--", label="memory roofline")
+            top.plot(tokens, [r["compute_floor_ms"] for r in mine], linestyle=":", label="GEMM ceiling")
+            bottom.plot(tokens, [100 * r["memory_floor_ms"] / r["ms"]["tritium"] for r in mine], marker="o",
+                        markersize=3, label="% of memory roofline")
+            bottom.plot(tokens, [100 * r["compute_floor_ms"] / r["ms"]["tritium"] for r in mine], marker="o",
+                        markersize=3, label="% of GEMM ceiling")
+            bottom.legend(fontsize=8)
+        top.set_title(shape, fontsize=9)
+        top.set_xscale("log", base=2)
+        top.set_yscale("log")
+        top.set_ylabel("ms")
+        top.legend(fontsize=8)
+        bottom.set_ylim(0, 105)
+        bottom.set_xlabel("tokens")
+        bottom.set_ylabel("Tritium, %")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

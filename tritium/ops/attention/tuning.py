@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -180,8 +181,9 @@ def compile_jobs(
     return [job for _, job in sorted(ranked, key=lambda r: r[0])]
 
 
-def precompile(jobs: list[CompileJob], timeout_s: float = math.inf) -> None:
-    """Run the jobs in parallel processes, so that the timing loop finds their kernels in Triton's on-disk cache.
+def precompile(jobs: list, timeout_s: float = math.inf, compile_fn: Callable[[Any], int] | None = None) -> None:
+    """Run `compile_fn` (default `compile_job`; it returns how many of a job's `configs` launched) on the jobs in
+    parallel processes, so that the timing loop finds their kernels in Triton's on-disk cache.
 
     Only a head start: a job that fails, or a pool that does, is a warning, and the timing loop compiles the rest.
     After `timeout_s` the jobs not yet started are dropped (those running finish).
@@ -193,7 +195,7 @@ def precompile(jobs: list[CompileJob], timeout_s: float = math.inf) -> None:
     failed = []
     try:
         with tqdm(total=sum(len(job.configs) for job in jobs), desc="compiling", unit="config") as bar:
-            sizes = {pool.submit(compile_job, job): len(job.configs) for job in jobs}
+            sizes = {pool.submit(compile_fn or compile_job, job): len(job.configs) for job in jobs}
             skipped = 0
             for done in as_completed(sizes, timeout=None if math.isinf(timeout_s) else timeout_s):
                 bar.update(sizes[done])

@@ -141,6 +141,11 @@ def _table_choice(key: str) -> TableChoice:
     return choose_table(load_tables(), key)
 
 
+def reload_tables() -> None:
+    """Forget the loaded tables: the next lookup reads the files again (after `tritium tune --op moe`)."""
+    _table_choice.cache_clear()
+
+
 def table_choice(device: torch.device) -> TableChoice:
     """Which tuned table this device runs with (its own, a sibling's, or none) and where it comes from."""
     return _table_choice(device_key(device))
