@@ -6,14 +6,14 @@ import torch
 
 from tests.models.helpers import save_family
 from tritium.bench.hf_peer import hf_state_dict
-from tritium.bench.throughput import Workload, _warm_up, result_name
+from tritium.bench.throughput import Workload, _warm_up, active_expert_share, result_name, weight_bytes
 from tritium.cli import main
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
-from tritium.models.loader import load_model
-from tritium.models.shapes import MODEL_SHAPES
+from tritium.models.loader import load_model, random_model
+from tritium.models.shapes import MODEL_SHAPES, shape_config
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 
@@ -83,7 +83,7 @@ def test_warm_up_meets_every_power_of_two_decode_batch():
     assert not engine.has_unfinished() and engine.pages.num_free == len(engine.pages.ref_count)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "gemma3", "qwen3_moe"])
 def test_hf_state_dict_is_transformers_state_dict(family, tmp_path):
     hf = save_family(family, tmp_path)
     ours = hf_state_dict(load_model(tmp_path, torch.float32, "cpu"))
@@ -126,3 +126,19 @@ def test_result_names_tell_modes_apart(single, options, mode):
     env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-27 12:00 UTC", "commit": "abc1234"}
     name = result_name(env, "meta-llama/Llama-3.1-8B", single, EngineConfig(**options))
     assert name == f"throughput-NVIDIA_H100_80GB_HBM3-meta-llama_Llama-3.1-8B-{mode}-2026-11-27-abc1234"
+
+
+def test_roofline_counts_the_experts_a_step_picks():
+    """A MoE model's decode step reads the dense weights and the share of experts its tokens pick under uniform
+    routing: k / E of them for one token, nearly all for many."""
+    cfg = ModelConfig.from_dict({**MODEL_SHAPES["mixtral-8x7b"], "torch_dtype": "float32", "num_hidden_layers": 1,
+                                 "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                                 "num_attention_heads": 2, "num_key_value_heads": 1})
+    model = random_model(cfg, torch.float32, "cpu")
+    dense, experts = weight_bytes(model)
+    assert experts == 4 * 8 * 3 * 32 * 48  # 8 experts of three 32x48 float32 matrices
+    assert dense == 4 * (32 * (32 + 2 * 16) + 32 * 32 + 8 * 32 + 64 * 32 + 3 * 32)  # attention, router, head, norms
+    assert active_expert_share(cfg, 1) == pytest.approx(2 / 8)
+    assert active_expert_share(cfg, 2) == pytest.approx(1 - (6 / 8) ** 2)
+    assert active_expert_share(cfg, 256) == pytest.approx(1.0)
+    assert active_expert_share(shape_config("llama-3.2-1b"), 8) == 0.0

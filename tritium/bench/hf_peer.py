@@ -4,7 +4,8 @@ import torch
 
 from tritium.models.llama import LlamaForCausalLM
 
-FAMILY_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+FAMILY_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                     "gemma3": "gemma3_text", "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
 
 
 def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:

@@ -3,10 +3,11 @@
 Random weights in a real model's shape (no download) or a model folder; prompts of random token ids with
 input and output lengths drawn uniformly, EOS ignored. Reports requests/s and tokens/s, and for each decode
 step (a step that runs only decodes) the share of the memory roofline it reached: the bytes the step must
-read (every weight once, plus each sequence's cached K/V) over the copy bandwidth measured in the same run,
-divided by the step's time: from the previous step's tokens on the host to this step's (the engine launches a
-decode before reading back the one before it; timing a step alone would stall that overlap). `--single` runs
-one stream instead (the latency mode).
+read (every weight once, but of a MoE layer only the experts its tokens are expected to pick under uniform
+routing; plus each sequence's cached K/V) over the copy bandwidth measured in the same run, divided by the step's
+time: from the previous step's tokens on the host to this step's (the engine launches a decode before reading
+back the one before it; timing a step alone would stall that overlap). `--single` runs one stream instead (the
+latency mode).
 """
 
 import dataclasses
@@ -75,8 +76,7 @@ def run_throughput_bench(
     cfg = engine.model.config
     requests = workload.requests(cfg.vocab_size)
     _warm_up(engine, requests)
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters()
-                       if "embed_tokens" not in name or cfg.tie_word_embeddings)  # a lookup reads a few rows only
+    dense_bytes, expert_bytes = weight_bytes(engine.model)
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model.lm_head.weight.itemsize
 
     steps, start = [], time.perf_counter()
@@ -92,7 +92,9 @@ def run_throughput_bench(
             s = engine.last_step
             row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
             if row["decode_only"]:
-                floor_ms = (weight_bytes + s.context_tokens * kv_bytes_per_token) / (ceilings["copy_tb_per_s"] * 1e9)
+                weights = dense_bytes + expert_bytes * active_expert_share(cfg, s.num_seqs)
+                read = weights + s.context_tokens * kv_bytes_per_token
+                floor_ms = read / (ceilings["copy_tb_per_s"] * 1e9)
                 row["roofline"] = floor_ms / ms
             steps.append(row)
             bar.update(len(finished))
@@ -131,6 +133,28 @@ def run_throughput_bench(
     plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
     print(f"wrote {out_dir / name}.json and .png")
     return report
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the weights every decode step reads, bytes of the MoE experts'). The embedding counts only when
+    tied to the LM head (a lookup reads a few rows)."""
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and not model.config.tie_word_embeddings:
+            continue
+        if ".experts." in name:
+            experts += p.numel() * p.element_size()
+        else:
+            dense += p.numel() * p.element_size()
+    return dense, experts
+
+
+def active_expert_share(config: ModelConfig, num_tokens: int) -> float:
+    """The share of a MoE layer's experts that `num_tokens` tokens pick, as expected under uniform routing:
+    1 - (1 - k / E) ** tokens (0 for a dense model)."""
+    if not config.num_experts:
+        return 0.0
+    return 1.0 - (1.0 - config.experts_per_token / config.num_experts) ** num_tokens
 
 
 def result_name(env: dict, model: str, single: bool, config: EngineConfig) -> str:
