@@ -245,3 +245,23 @@ def test_skip_tokenizer_init(family_dir):
         llm.generate({"prompt": "text"}, params, use_tqdm=False)
     with pytest.raises(ValueError, match="skip_tokenizer_init"):
         llm.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])
+def test_other_families_greedy_match_transformers(family, tmp_path):
+    """Gemma (sliding and global layers, two RoPE tables) and a mixture of experts through the engine, with chunked
+    prefills mixed with decodes: transformers' greedy tokens."""
+    hf = save_family(family, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 3, 12)]
+    expected = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = torch.tensor([p])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=7)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -67,10 +67,11 @@ class PagedBatch:
 
     def __init__(self, model, num_seqs: int, max_len: int, backend: str) -> None:
         cfg = model.config
+        self.device = model.lm_head.weight.device
         blocks = -(-max_len // PAGE)
         shape = (num_seqs * blocks + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
         nan = float("nan")
-        self.caches = [(torch.full(shape, nan), torch.full(shape, nan)) for _ in range(cfg.num_layers)]
+        self.caches = [tuple(torch.full(shape, nan, device=self.device) for _ in "kv") for _ in range(cfg.num_layers)]
         order = torch.randperm(shape[0] - 1, generator=torch.Generator().manual_seed(1)) + 1  # page 0 never used
         self.table = order.view(num_seqs, blocks).to(torch.int32)
         self.lengths = [0] * num_seqs
@@ -91,12 +92,15 @@ class PagedBatch:
             cu.append(cu[-1] + len(toks))
             used.append(self.lengths[seq])
             rows.append(seq)
+        on = {"device": self.device}
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32), seqused_k=torch.tensor(used, dtype=torch.int32),
-            block_table=self.table[rows].contiguous(), slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, **on),
+            seqused_k=torch.tensor(used, dtype=torch.int32, **on),
+            block_table=self.table[rows].contiguous().to(self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, **on),
             max_seqlen_q=max(len(t) for t in new_tokens.values()), max_seqlen_k=max(used), backend=self.backend)
-        hidden = self.model(torch.tensor(ids), torch.tensor(pos), meta, self.caches)
-        logits = self.model.logits(hidden)
+        hidden = self.model(torch.tensor(ids, **on), torch.tensor(pos, **on), meta, self.caches)
+        logits = self.model.logits(hidden).cpu()
         return {seq: logits[cu[i]:cu[i + 1]] for i, seq in enumerate(new_tokens)}
 
 
@@ -111,11 +115,12 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def check_against_transformers(family: str, backend: str, path) -> None:
+def check_against_transformers(family: str, backend: str, path, device: str = "cpu") -> None:
     """A prefill of four prompts (1 to 11 tokens) in one step, three greedy decode steps following transformers'
-    tokens, then a 6-token chunk on a cached prefix beside a decode: logits close, greedy tokens equal."""
+    tokens, then a 6-token chunk on a cached prefix beside a decode: logits close, greedy tokens equal. Tritium's
+    model runs on `device` (transformers' on the CPU)."""
     hf = save_family(family, path)
-    model = load_model(path, torch.float32, "cpu")
+    model = load_model(path, torch.float32, device)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 11, 1, 8)]
     batch = PagedBatch(model, len(prompts), 32, backend)
