@@ -44,7 +44,7 @@ def generate(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_graphs_equal_eager_and_no_compile_after_warm_up(name):
     config = EngineConfig(skip_tokenizer_init=True, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512,
-                          gpu_memory_utilization=0.3, enable_prefix_caching=False)
+                          gpu_memory_utilization=0.3, enable_prefix_caching=False, auto_tune=False)
     engine = LLMEngine(ModelConfig.from_dict({**MODELS[name], "torch_dtype": "bfloat16"}), config)
     assert engine.runner.graphs is not None
     before = compiled()

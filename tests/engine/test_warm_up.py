@@ -1,6 +1,8 @@
 """The warm-up compiles the kernel variant of every step shape: each (query tokens, sequences) a step can have
 gets a config whose variant is among those warmed, with the shipped H100 table and with derived configs."""
 
+import json
+
 import pytest
 import torch
 
@@ -61,3 +63,26 @@ def test_no_step_compiles_after_the_warm_up():
     while engine.has_unfinished():
         engine.step()
     assert compiled() == before
+
+
+def test_every_token_count_gets_a_warmed_moe_config(tmp_path, monkeypatch):
+    """Whatever a step's token count, its MoE layer's config is among those warmed (tuned entries at a few counts,
+    the rest borrowed from the nearest)."""
+    from tritium.engine.warm_up import moe_variants
+    from tritium.ops.moe import configs as moe_configs
+    from tritium.ops.moe.configs import GemmConfig, MoEConfig
+
+    def entry(block_m: int) -> dict:
+        return MoEConfig(GemmConfig(block_m, 64, 64), GemmConfig(block_m, 32, 64)).to_dict()
+
+    shape = "moe-e8-k2-h64-i96"
+    monkeypatch.setenv("TRITIUM_CACHE_DIR", str(tmp_path))
+    (tmp_path / "moe_configs.json").write_text(json.dumps({"cpu": {f"{shape}-t1": entry(16), f"{shape}-t64": entry(32),
+                                                                   f"{shape}-t512": entry(128)}}))
+    moe_configs.reload_tables()
+    cpu = torch.device("cpu")
+    warmed = moe_variants(cpu, 600, 8, 2, 64, 96)
+    assert len(warmed) == 3
+    for t in range(1, 601):
+        assert moe_configs.choose_config(cpu, t, 8, 2, 64, 96) in warmed, t
+    moe_configs.reload_tables()

@@ -63,21 +63,28 @@ def test_user_cache_skips_malformed_entries(cache_dir):
     bad = {"gate_up": {"block_m": 16, "block_n": 32}, "down": entry(16)["down"]}  # block_k missing
     write_cache(cache_dir, {"cpu": {f"moe-{SHAPE}-t1": bad, f"moe-{SHAPE}-t2": entry(32)}})
     with pytest.warns(UserWarning, match="ignoring malformed entries"):
-        table = configs.table_choice(CPU).entries
+        table = configs.table_choice(CPU).own
     assert list(table) == [f"moe-{SHAPE}-t2"]
     (cache_dir / "moe_configs.json").write_text("{not json")
     configs.reload_tables()
     with pytest.warns(UserWarning, match="unreadable"):
-        assert configs.table_choice(CPU).entries == {}
+        assert configs.table_choice(CPU).own == {}
 
 
 def test_sibling_table(cache_dir, monkeypatch):
-    """A device with no entries of its own runs its nearest same-architecture sibling's."""
+    """A device with no entries of its own runs its nearest same-architecture sibling's; with some, its own exact
+    entry, then the sibling's exact one, then the nearest token count in either."""
     h100, h200 = "nvidia:NVIDIA H100 80GB HBM3:cc90:sm132", "nvidia:NVIDIA H200:cc90:sm132"
-    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32)}})
+    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)}})
     monkeypatch.setattr(configs, "device_key", lambda device: h200)
     assert configs.table_choice(CPU).source == "sibling"
     assert configs.choose_config(CPU, 16, 8, 2, 4096, 14336) == MoEConfig.from_dict(entry(32))
+    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)},
+                            h200: {f"moe-{SHAPE}-t1": entry(16)}})
+    assert configs.choose_config(CPU, 1, 8, 2, 4096, 14336).gate_up.block_m == 16  # own
+    assert configs.choose_config(CPU, 16, 8, 2, 4096, 14336).gate_up.block_m == 32  # the sibling's exact entry
+    assert configs.choose_config(CPU, 2048, 8, 2, 4096, 14336).gate_up.block_m == 128  # the sibling's t4096
+    assert configs.choose_config(CPU, 2, 8, 2, 4096, 14336).gate_up.block_m == 16  # own t1
 
 
 def test_defaults_follow_rows_per_expert():

@@ -88,7 +88,8 @@ def test_tuned_entries_run(layer):
     """Every tuned entry of this device's table (its own or a sibling's) for this shape runs and is right."""
     s, weights = layer
     w13, w2 = weights[torch.bfloat16]
-    entries = {k: v for k, v in table_choice(torch.device("cuda")).entries.items()
+    choice = table_choice(torch.device("cuda"))
+    entries = {k: v for k, v in {**choice.sibling, **choice.own}.items()
                if k.startswith(f"moe-e{s.num_experts}-k{s.top_k}-h{s.hidden}-i{s.inter}-")}
     g = torch.Generator("cuda").manual_seed(1)
     for cls, fields in entries.items():

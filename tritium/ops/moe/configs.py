@@ -152,14 +152,20 @@ def table_choice(device: torch.device) -> TableChoice:
 
 
 def lookup_tuned(device: torch.device, cls: str) -> MoEConfig | None:
-    """The tuned config of a class from the device's table (`table_choice`), else the entry of the same shape at
-    the nearest token count."""
-    table = table_choice(device).entries
-    if cls in table:
-        return MoEConfig.from_dict(table[cls])
+    """The tuned config of a class (`table_choice`): the device's own entry, else its sibling's; failing both, the
+    entry of the same shape at the nearest token count in either (own first at equal distance, then the larger
+    count)."""
+    layers = [entries for entries, _ in table_choice(device).layers()]
+    for entries in layers:
+        if cls in entries:
+            return MoEConfig.from_dict(entries[cls])
     wanted = _CLASS.fullmatch(cls)
     if wanted is None:
         return None
-    near = [(abs(math.log2(int(m["t"]) / int(wanted["t"]))), -int(m["t"]), key) for key in table
+    near = [(abs(math.log2(int(m["t"]) / int(wanted["t"]))), layer, -int(m["t"]), key)
+            for layer, entries in enumerate(layers) for key in entries
             if (m := _CLASS.fullmatch(key)) is not None and m["shape"] == wanted["shape"]]
-    return MoEConfig.from_dict(table[min(near)[2]]) if near else None
+    if not near:
+        return None
+    *_, layer, _, key = min(near)
+    return MoEConfig.from_dict(layers[layer][key])
