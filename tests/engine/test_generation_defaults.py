@@ -49,7 +49,7 @@ def test_cli_options_override_the_folder_defaults(greedy_folder, capsys):
 def test_bad_folder_default_is_named(greedy_folder, tmp_path):
     shutil.copytree(greedy_folder, tmp_path, dirs_exist_ok=True)
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -1.0}))
-    with pytest.raises(ValueError, match="generation_config.json: temperature must be >= 0"):
+    with pytest.raises(ValueError, match="generation_config.json: temperature must be a finite number >= 0"):
         LLM(str(tmp_path), dtype="float32")
 
 

@@ -1,4 +1,4 @@
-"""Sampling: parameter checks, the batched sampler on its own, and the engine's samples and logprobs judged by
+"""Sampling: the batched sampler on its own, and the engine's samples and logprobs judged by
 the distribution computed from transformers' logits on the same weights."""
 
 import pytest
@@ -8,18 +8,6 @@ from tritium import LLM, SamplingParams
 from tritium.engine.sampler import sample
 
 PROMPTS = ["The cat sat on the", "Hello, world! 42"]
-
-
-def test_sampling_params_errors():
-    bad = [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
-           ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n must"), ({"n": 1.5}, "n must"),
-           ({"logprobs": -1}, "logprobs"), ({"logprobs": 2.0}, "logprobs"), ({"stop": 3}, "stop"),
-           ({"stop": ["ok", None]}, "stop"), ({"stop": ""}, "stop strings"), ({"stop": ["a", ""]}, "stop strings")]
-    for kwargs, match in bad:
-        with pytest.raises(ValueError, match=match):
-            SamplingParams(**kwargs)
-    assert SamplingParams(stop="x").stop == ("x",) and SamplingParams(stop=["a", "b"]).stop == ("a", "b")
-    assert SamplingParams().stop == ()
 
 
 def test_sampler_rows_independent_of_batch(gen):

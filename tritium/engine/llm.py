@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from tritium.engine.bounds import check_unicode
 from tritium.engine.config import EngineConfig
+from tritium.engine.errors import RequestFailed
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.sequence import Sequence
@@ -19,15 +21,17 @@ Prompt = str | dict  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
 @dataclass
 class CompletionOutput:
-    """One sample: its text ("" without a tokenizer), token ids, and logprobs when they were asked for."""
+    """One sample: its text ("" without a tokenizer), token ids, and logprobs when they were asked for. A request
+    that failed inside the engine (the others went on) has finish_reason "error" and says why in `error`."""
 
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None  # per generated token: {token id: logprob}, most likely first
-    finish_reason: str | None  # "stop" or "length"
+    finish_reason: str | None  # "stop", "length" or "error"
     stop_reason: int | str | None = None  # the stop token id or stop string; None for end-of-sequence or length
+    error: str | None = None
 
 
 @dataclass
@@ -99,12 +103,17 @@ class LLM:
         (seq,) = self.engine.add_request(ids, params, str(next(self._request_ids)))
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
-        while seq.finish_reason is None:
-            self.engine.step()
-            end = len(seq.text) if seq.finish_reason else max(sent, len(seq.text) - hold)
-            if end > sent:
-                yield seq.text[sent:end]
-                sent = end
+        try:
+            while seq.finish_reason is None:
+                self.engine.step()
+                if seq.finish_reason == "error":
+                    raise RequestFailed(seq.error)
+                end = len(seq.text) if seq.finish_reason else max(sent, len(seq.text) - hold)
+                if end > sent:
+                    yield seq.text[sent:end]
+                    sent = end
+        finally:  # a caller that stops reading leaves nothing running
+            self.engine.abort(seq.request_id)
 
     def _parse(self, i: int, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of one prompt."""
@@ -113,6 +122,7 @@ class LLM:
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
             raise ValueError(f"prompt {i}: give a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}")
+        check_unicode(f"prompt {i}", text)
         return text, self._tokenizer(f"prompt {i} is text, which").encode(text)
 
     def _tokenizer(self, what: str) -> Tokenizer:
@@ -133,9 +143,14 @@ class LLM:
         for (_, ids), p in zip(requests, params):
             self.engine.check_request(ids, p)  # every request checked before any is queued
         queued = []
-        for (text, ids), p in zip(requests, params):
-            request_id = str(next(self._request_ids))
-            queued.append((RequestOutput(request_id, text, ids), self.engine.add_request(ids, p, request_id)))
+        try:
+            for (text, ids), p in zip(requests, params):
+                request_id = str(next(self._request_ids))
+                queued.append((RequestOutput(request_id, text, ids), self.engine.add_request(ids, p, request_id)))
+        except Exception:
+            for out, _ in queued:  # all or none: a later call must not run these
+                self.engine.abort(out.request_id)
+            raise
         total = sum(len(seqs) for _, seqs in queued)
         with tqdm(total=total, desc="generating", unit="sequence", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
@@ -152,4 +167,4 @@ def _completion(seq: Sequence) -> CompletionOutput:
     return CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids),
                             cumulative_logprob=seq.cumulative_logprob if asked else None,
                             logprobs=seq.logprobs if asked else None, finish_reason=seq.finish_reason,
-                            stop_reason=seq.stop_reason)
+                            stop_reason=seq.stop_reason, error=seq.error)

@@ -1,5 +1,9 @@
 """The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
-logprobs, stop conditions checked; finished sequences out."""
+logprobs, stop conditions checked; finished sequences out.
+
+Faults are sorted by whose they are. What raises while handling one request (its set-up, its tokens' text and stop
+checks, or a batched step that fails only while it is in the batch) ends that request alone, with finish_reason
+"error"; an engine fault (the device's, a dead rank's) marks the engine dead and fails every request."""
 
 import json
 import logging
@@ -10,11 +14,12 @@ import torch
 
 from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
+from tritium.engine.errors import EngineDeadError, InvalidParameter, RequestFailed, is_engine_fault
 from tritium.engine.model_runner import ModelRunner
 from tritium.engine.page_pool import PagePool
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
-from tritium.engine.sequence import Sequence
+from tritium.engine.sequence import Sequence, Status
 from tritium.engine.structured import Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.config import ModelConfig
@@ -23,6 +28,7 @@ from tritium.ops.attention.configs import table_choice
 
 log = logging.getLogger(__name__)
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepStats:
@@ -78,6 +84,7 @@ class LLMEngine:
                                   self.max_model_len, config.max_num_batched_tokens, self.eos_ids)
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.last_step = StepStats(0, 0, 0)
+        self.dead: EngineDeadError | None = None  # set by an engine fault: nothing more is served
 
     def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
         """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
@@ -91,15 +98,26 @@ class LLMEngine:
             log.info("attention configs: %s (auto-tune off)", table_choice(device).describe())
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
-        """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others
-        untouched. The samples share the prompt's KV pages through the prefix cache."""
+        """Queue a request as its `params.n` samples; a bad one raises ValueError here (a set-up that fails,
+        RequestFailed) and leaves the others untouched. The samples share the prompt's KV pages through the prefix
+        cache."""
+        if self.dead is not None:
+            raise self.dead
         self.check_request(prompt_ids, params)
         seqs = [Sequence(list(prompt_ids), params, request_id, index=k) for k in range(params.n)]
+        try:
+            for seq in seqs:
+                if self.tokenizer is not None:
+                    seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+                if params.structured_outputs is not None:
+                    seq.grammar = self.grammars.matcher(params.structured_outputs)
+                self.runner.prepare(seq)
+        except Exception as exc:  # noqa: BLE001  the request's own set-up: it alone fails
+            for seq in seqs:
+                self.runner.release(seq)
+            self._check_fault(exc)
+            raise RequestFailed(f"setting up the request failed: {type(exc).__name__}: {exc}") from exc
         for seq in seqs:
-            if self.tokenizer is not None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-            if params.structured_outputs is not None:
-                seq.grammar = self.grammars.matcher(params.structured_outputs)
             self.scheduler.add(seq)
         return seqs
 
@@ -109,29 +127,35 @@ class LLMEngine:
         return SamplingParams(**{**self.sampling_defaults, **overrides})
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming what is wrong with a request, before it is queued."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
+        """Raise InvalidParameter (a ValueError) naming what is wrong with a request, before it is queued."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameter("params", f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise InvalidParameter("prompt", "the prompt is empty" if not prompt_ids else "the prompt is not a list")
         vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not all(type(t) is int and 0 <= t < vocab for t in prompt_ids):
+            raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
+            raise InvalidParameter("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+                                   f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:
-                raise ValueError(f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
+                raise InvalidParameter(name, f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
         for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
             if any(t >= vocab for t in ids):
-                raise ValueError(f"{name} names token ids outside the vocabulary [0, {vocab})")
+                raise InvalidParameter(name, f"{name} names token ids outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
-                             "use stop_token_ids")
+            raise InvalidParameter("stop", "stop strings need a tokenizer (the engine runs with "
+                                   "skip_tokenizer_init=True); use stop_token_ids")
         if params.structured_outputs is not None:
             if self.grammars is None:
-                raise ValueError("structured_outputs needs a tokenizer (the engine runs with skip_tokenizer_init=True)")
-            self.grammars.compile(params.structured_outputs)
+                raise InvalidParameter("structured_outputs", "structured_outputs needs a tokenizer (the engine runs "
+                                       "with skip_tokenizer_init=True)")
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except ValueError as exc:
+                raise InvalidParameter("structured_outputs", str(exc)) from None
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
@@ -145,24 +169,91 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that finished in it."""
+        """Run one step; returns the sequences that finished in it, those of a request that failed in it too (with
+        finish_reason "error"). An engine fault raises EngineDeadError: every request has failed with it."""
+        if self.dead is not None:
+            raise self.dead
         # Sequences that arrived while decodes were launched ahead join after those decodes, unless none is left.
         batch = self.scheduler.schedule(admit=self.runner.ahead is None) or self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
         self.last_step = StepStats(len(batch), sum(n for _, n in batch), sum(s.num_computed + n for s, n in batch))
-        sampled = self.runner.step(batch, self._ahead(batch))
-        finished = []
+        sampled, finished = self._run(batch)
         for seq, n in batch:
+            if seq.status is Status.FINISHED:  # its request failed in this step
+                continue
             seq.num_computed += n
             if seq.seq_id not in sampled:
                 continue
-            reason = self._record(seq, *sampled[seq.seq_id])
+            try:
+                reason = self._record(seq, *sampled[seq.seq_id])
+            except Exception as exc:  # noqa: BLE001  its text or stop checks: its request alone fails
+                self._check_fault(exc)
+                finished += self._fail(seq.request_id, exc)
+                continue
             if reason:
                 self.scheduler.finish(seq, reason)
                 self.runner.release(seq)
                 finished.append(seq)
         return finished
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> tuple[dict[int, tuple], list[Sequence]]:
+        """The runner's step over the batch: (sampled token and logprobs by seq_id, sequences failed in it)."""
+        try:
+            return self.runner.step(batch, self._ahead(batch)), []
+        except Exception as exc:  # noqa: BLE001  sorted below: the engine's fault, or some request's
+            self._check_fault(exc)
+            first = exc
+        self.runner.ahead = None
+        failed: list[Sequence] = []
+        sampled = self._isolate(batch, first, failed)
+        requests = {seq.request_id for seq, _ in batch}
+        if len(requests) > 1 and {seq.request_id for seq in failed} == requests:
+            self._die(first)  # every request fails even alone: the fault is not theirs
+        return sampled, failed
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], exc: Exception, failed: list[Sequence]) -> dict[int, tuple]:
+        """Run a batch whose step raised `exc` again in halves, down to single sequences, so that only the requests
+        whose sequences fail alone fail; returns the others' samples. K/V written twice holds the same values; a
+        seeded sample whose draw the failed step had taken draws anew."""
+        if len(batch) == 1:
+            failed += self._fail(batch[0][0].request_id, exc)
+            return {}
+        sampled = {}
+        for part in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+            part = [(seq, n) for seq, n in part if seq.status is not Status.FINISHED]
+            if not part:
+                continue
+            try:
+                sampled.update(self.runner.step(part))
+            except Exception as part_exc:  # noqa: BLE001
+                self._check_fault(part_exc)
+                sampled.update(self._isolate(part, part_exc, failed))
+        return sampled
+
+    def _fail(self, request_id: str, exc: Exception) -> list[Sequence]:
+        """End a request with finish_reason "error" (its pages freed); returns its sequences that were not done."""
+        logger.error("request %s failed in the engine", request_id, exc_info=exc)
+        seqs = self.abort(request_id)
+        for seq in seqs:
+            seq.finish_reason, seq.error = "error", f"{type(exc).__name__}: {exc}"
+        return seqs
+
+    def _check_fault(self, exc: Exception) -> None:
+        """Raise EngineDeadError when `exc` is an engine fault (see errors.is_engine_fault)."""
+        if is_engine_fault(exc):
+            self._die(exc)
+
+    def _die(self, exc: Exception) -> None:
+        """Mark the engine dead and fail every request with it; raises the EngineDeadError."""
+        dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(
+            f"the engine failed: {type(exc).__name__}: {exc}")
+        logger.critical("the engine is dead: %s", dead, exc_info=exc)
+        self.dead = dead
+        for request_id in {seq.request_id for seq in (*self.scheduler.waiting, *self.scheduler.running)}:
+            for seq in self.abort(request_id):
+                seq.finish_reason, seq.error = "error", str(dead)
+        raise dead from exc
 
     def _ahead(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
         """The sequences whose next decode can be launched before this step's tokens are read back: when nothing

@@ -142,7 +142,10 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> Sampled:
         chosen_from = self.processors.apply(logits, seqs, positions)
-        sampled = sample(chosen_from, [s.params for s in seqs], [self._generator(s) for s in seqs], raw=logits)
+        # A sequence that ended before a deferred sampling ran has released its generator: it draws unseeded, and its
+        # token is dropped.
+        generators = [self.generators.get(s.seq_id) for s in seqs]
+        sampled = sample(chosen_from, [s.params for s in seqs], generators, raw=logits)
         self.processors.record(seqs, sampled.tokens)
         return sampled
 
@@ -184,13 +187,12 @@ class ModelRunner:
         ids = ids if isinstance(ids, torch.Tensor) else to(ids, torch.long)
         return self.model(ids, to(positions, torch.long), meta, self.kv_caches)
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None or seq.params.greedy or seq.finish_reason is not None:
-            return None  # (an ended sequence in a deferred sampling: its generator was released, its token dropped)
-        if seq.seq_id not in self.generators:
-            # Each of a request's samples has its own stream, so they differ and still reproduce.
+    def prepare(self, seq: Sequence) -> None:
+        """A new sequence's own sampling state, made as it is added (so that a failure is its request's alone): a
+        seeded sample's random stream. Each of a request's samples has its own, so they differ and still reproduce
+        (seed + index stays within what manual_seed takes: SamplingParams bounds seed to int64)."""
+        if seq.params.seed is not None and not seq.params.greedy:
             self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed + seq.index)
-        return self.generators[seq.seq_id]
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)

@@ -1,10 +1,20 @@
 """How to pick each next token, how many samples to draw, what to report and when to stop (vLLM's names)."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from tritium.engine.bounds import INT32_MAX, INT64_MAX, INT64_MIN, Bool, Float, Instance, Int, Ints, Strings, TokenMap
+
+MAX_SAMPLES = 1024  # n: each sample is a sequence the engine holds
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1024  # every stop string is searched for in each step's new text
+MAX_STOP_TOKEN_IDS = 1024
 MAX_ABS_PENALTY = 2.0  # presence and frequency penalties, as OpenAI and vLLM bound them
+MAX_REPETITION_PENALTY = 100.0
 MAX_ABS_BIAS = 100.0  # logit_bias values, as OpenAI bounds them
+MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is a scatter into the logits at every step
+# Temperatures below this sample greedily (vLLM's threshold too): dividing float32 logits by less overflows them.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ class StructuredOutputsParams:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Every field is checked on construction by its entry in BOUNDS (below); a bad one raises InvalidParameter, a
+    ValueError naming it."""
+
     n: int = 1  # independent samples of each prompt
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: all tokens
@@ -84,49 +97,14 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # what the output must match
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
-                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")
-        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
-                             f"got {self.min_tokens!r}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
-        object.__setattr__(self, "stop", tuple(stop))
-        ids = self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(ids))
-        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
-                             f"{type(self.structured_outputs).__name__}")
+        for f in fields(self):
+            object.__setattr__(self, f.name, BOUNDS[f.name].check(f.name, getattr(self, f.name)))
+        if self.min_tokens > self.max_tokens:
+            Int(0, self.max_tokens).check("min_tokens", self.min_tokens)  # raises, naming the bound
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -134,26 +112,26 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
-def _logit_bias(bias: object) -> dict[int, float] | None:
-    """logit_bias as {token id: bias}: keys may be ids or their decimal strings (as JSON carries them)."""
-    if bias is None:
-        return None
-    if not isinstance(bias, dict):
-        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
-    out = {}
-    for key, value in bias.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else key
-        if not _is_int(token) or token < 0:
-            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
-        if not _is_number(value) or not -MAX_ABS_BIAS <= value <= MAX_ABS_BIAS:
-            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}")
-        out[token] = float(value)
-    return out or None
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+# What each field may hold, whatever the caller: within the C types torch converts it to, finite, bounded. A new
+# field adds its line here (the engine's own checks, against the vocabulary and max_model_len, come on top).
+BOUNDS = {
+    "n": Int(1, MAX_SAMPLES),
+    "temperature": Float(0),
+    "top_k": Int(0, INT32_MAX),
+    "top_p": Float(0, 1, lo_open=True),
+    "min_p": Float(0, 1),
+    "seed": Int(INT64_MIN, INT64_MAX, optional=True),
+    "presence_penalty": Float(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
+    "frequency_penalty": Float(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
+    "repetition_penalty": Float(0, MAX_REPETITION_PENALTY, lo_open=True),
+    "logit_bias": TokenMap(INT32_MAX, Float(-MAX_ABS_BIAS, MAX_ABS_BIAS), MAX_LOGIT_BIAS),
+    "max_tokens": Int(1, INT32_MAX),
+    "min_tokens": Int(0, INT32_MAX),
+    "stop": Strings(MAX_STOPS, MAX_STOP_CHARS),
+    "stop_token_ids": Ints(0, INT32_MAX, MAX_STOP_TOKEN_IDS),
+    "include_stop_str_in_output": Bool(),
+    "ignore_eos": Bool(),
+    "logprobs": Int(0, INT32_MAX, optional=True),
+    "prompt_logprobs": Int(0, INT32_MAX, optional=True),
+    "structured_outputs": Instance(StructuredOutputsParams),
+}

@@ -29,7 +29,8 @@ class Sequence:
     pages: list[int] = field(default_factory=list)  # page ids, in order
     num_computed: int = 0  # tokens whose K/V are in the cache (prefix hits included)
     page_hashes: list[int] = field(default_factory=list)  # prefix-cache names of its first full pages
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort", or "error" (then `error` says what failed)
+    error: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     detokenizer: IncrementalDetokenizer | None = None  # None without a tokenizer: no text
     text: str = ""

@@ -15,6 +15,8 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tritium.engine.bounds import check_unicode
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Prompt tokens decoded ahead of the first output token, so that it decodes as a continuation of the prompt
 # (some decoders drop a leading space at the start of a text).
@@ -48,6 +50,7 @@ class Tokenizer:
         return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode("text", text)  # the tokenizer would raise TypeError on a lone surrogate
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -62,6 +65,10 @@ class Tokenizer:
                              "or chat_template.jinja); use generate() with a formatted prompt")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("a conversation is a list of {'role': ..., 'content': ...} dicts")
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_unicode(f"messages[{i}].{key}", value)
         if self._compiled is None:
             self._compiled = _environment().from_string(self.chat_template)
         # As transformers does: keys set to None are left out, so templates can test `is defined`.
