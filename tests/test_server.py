@@ -1,5 +1,5 @@
 """`tritium serve` over HTTP on loopback: the openai client, batches of prompts, concurrency against offline
-generation, hostile requests, disconnects freeing pages, Prometheus metrics and the API key."""
+generation, bad batches, disconnects freeing pages, Prometheus metrics and the API key."""
 
 import asyncio
 import json
@@ -17,7 +17,6 @@ from tritium import LLM, SamplingParams
 from tritium.generate import default_model_dir
 from tritium.models.config import ModelConfig
 from tritium.models.shapes import MODEL_SHAPES
-from tritium.server.protocol import MAX_PROMPTS
 
 MAX_MODEL_LEN = 256
 
@@ -110,95 +109,6 @@ def test_64_concurrent_streams_equal_offline_generation(server):
 
 OK_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
 OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
-BAD = [  # (path, body (bytes are sent as they are), status, param or None)
-    ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", b"[1, 2]", 400, None),
-    ("/v1/completions", b"", 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "model": "gpt-4"}, 404, "model"),
-    ("/v1/chat/completions", {**OK_CHAT, "model": "nope"}, 404, "model"),
-    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": 42}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [1, 10**9]}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [-1]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", 1]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], "Hello"]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], []]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello", ""]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [None]}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": [[1, 2], [3, 10**9]]}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": ["Hello"] * (MAX_PROMPTS + 1)}, 400, "prompt"),
-    ("/v1/completions", {**OK_COMPLETION, "max_tokens": "5"}, 400, "max_tokens"),
-    ("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {**OK_COMPLETION, "max_tokens": MAX_MODEL_LEN}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": "word " * 400}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "temperature": -0.5}, 400, "temperature"),
-    ("/v1/completions", {**OK_COMPLETION, "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {**OK_COMPLETION, "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {**OK_COMPLETION, "top_k": -5}, 400, "top_k"),
-    ("/v1/completions", {**OK_COMPLETION, "min_p": 1.5}, 400, "min_p"),
-    ("/v1/completions", {**OK_COMPLETION, "n": 0}, 400, "n"),
-    ("/v1/completions", {**OK_COMPLETION, "n": 1000}, 400, "n"),
-    ("/v1/completions", {**OK_COMPLETION, "logprobs": 50}, 400, "logprobs"),
-    ("/v1/completions", {**OK_COMPLETION, "stop": ""}, 400, "stop"),
-    ("/v1/completions", {**OK_COMPLETION, "stop": ["a"] * 100}, 400, "stop"),
-    ("/v1/completions", {**OK_COMPLETION, "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {**OK_COMPLETION, "seed": 1.5}, 400, "seed"),
-    ("/v1/completions", {**OK_COMPLETION, "stream_options": {"include_usage": 1}}, 400, None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "user"}]}, 400, None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": "Hello"}, 400, "messages"),
-    ("/v1/chat/completions", {**OK_CHAT, "logprobs": 3}, 400, "logprobs"),
-    ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {**OK_CHAT, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
-    # OpenAI's and vLLM's fields: honoured within their ranges, or refused by name (never ignored).
-    ("/v1/completions", {**OK_COMPLETION, "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {**OK_COMPLETION, "use_beam_search": True}, 400, "use_beam_search"),
-    ("/v1/completions", {**OK_COMPLETION, "suffix": "!"}, 400, "suffix"),
-    ("/v1/completions", {**OK_COMPLETION, "skip_special_tokens": False}, 400, "skip_special_tokens"),
-    ("/v1/completions", {**OK_COMPLETION, "presence_penalty": 2.5}, 400, "presence_penalty"),
-    ("/v1/completions", {**OK_COMPLETION, "frequency_penalty": -3}, 400, "frequency_penalty"),
-    ("/v1/completions", {**OK_COMPLETION, "repetition_penalty": 0}, 400, "repetition_penalty"),
-    ("/v1/completions", {**OK_COMPLETION, "logit_bias": {"5": 101}}, 400, "logit_bias"),
-    ("/v1/completions", {**OK_COMPLETION, "logit_bias": {"five": 1}}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "logit_bias": {"99999": 1}}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "min_tokens": 5}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "min_tokens": -1}, 400, "min_tokens"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt_logprobs": 21}, 400, "prompt_logprobs"),
-    ("/v1/completions", {**OK_COMPLETION, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    ("/v1/completions", {**OK_COMPLETION, "user": "u" * 300}, 400, "user"),
-    ("/v1/completions", {**OK_COMPLETION, "guided_regex": "(unclosed"}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "guided_choice": []}, 400, None),
-    ("/v1/completions", {**OK_COMPLETION, "guided_json": {"type": "object"}, "guided_regex": "a+"}, 400, None),
-    ("/v1/chat/completions", {**OK_CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
-    ("/v1/chat/completions", {**OK_CHAT, "response_format": {"type": "json_schema"}}, 400, None),
-    ("/v1/chat/completions", {**OK_CHAT, "tool_choice": "required"}, 400, "tool_choice"),
-    ("/v1/chat/completions", {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
-                              "tool_choice": "auto"}, 400, "tool_choice"),
-    ("/v1/chat/completions", {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
-                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
-    ("/v1/chat/completions", {**OK_CHAT, "echo": True}, 400, "echo"),
-    ("/v1/completions", {**OK_COMPLETION, "prompt": "x" * (2 << 20)}, 413, None),
-    ("/v1/nowhere", OK_COMPLETION, 404, None),
-]
-
-
-@pytest.mark.parametrize(("path", "body", "status", "param"), BAD, ids=range(len(BAD)))
-def test_bad_request_gets_an_error_object(server, path, body, status, param):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(server[0] + path, content=content, headers={"content-type": "application/json"}, timeout=30)
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param or error["param"].startswith(param + "."), error
-    ok = httpx.post(server[0] + "/v1/completions", json=OK_COMPLETION, timeout=30)
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
-
-
 @pytest.mark.parametrize(("prompt", "message"), [
     ([], "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
     (["Hello", 7], "prompt.texts.1: Input should be a valid string"),
@@ -235,20 +145,23 @@ def test_a_batch_the_engine_refuses_in_part_leaves_nothing_queued(server, monkey
     assert not engine.engine.has_unfinished()
 
 
-def test_disconnect_mid_stream_frees_the_pages(server):
+def test_disconnect_mid_stream_frees_the_pages_at_once(server):
     url, engine = server
     pages = engine.engine.pages
     idle = pages.num_pages
     body = {**OK_COMPLETION, "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        assert pages.num_free < idle
-    deadline = time.monotonic() + 10
-    while pages.num_free != idle and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pages.num_free == idle
-    assert not engine.engine.has_unfinished()
+    waits = []
+    for _ in range(5):
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert pages.num_free < idle
+        left = time.monotonic()
+        while pages.num_free != idle and time.monotonic() < left + 10:
+            time.sleep(0.001)
+        waits.append(time.monotonic() - left)
+        assert pages.num_free == idle and not engine.engine.has_unfinished()
+    assert sorted(waits)[2] < 0.05, waits  # the median; one can wait for the step in flight to end
 
 
 @pytest.mark.parametrize(("path", "body", "prompts"), [

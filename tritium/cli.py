@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tokenizer", default=None, metavar="DIR",
                        help="take the tokenizer from this folder (default: the model's; with --model-config, the "
                        "default model's)")
+    serve.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                       help="close a keep-alive connection idle this long between requests (default 5)")
+    serve.add_argument("--timeout-header", type=float, default=10.0, metavar="SECONDS",
+                       help="close a connection whose request headers are not all in this long after it opened or "
+                       "its last answer; a body must then arrive within as long, else 408 (default 10)")
+    serve.add_argument("--max-connections", type=int, default=2048, metavar="N",
+                       help="open connections at most; one more is answered 503 and closed (default 2048)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or SIGINT, let requests in flight run this long, then end them with an "
+                       "error (default 30)")
+    serve.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request")
     _engine_options(serve)
 
     bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run")
@@ -234,21 +245,30 @@ def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from tritium.generate import DEFAULT_MODEL_NOTE, default_model_dir
     from tritium.models.shapes import shape_config
+    from tritium.server.config import ServerConfig
     from tritium.server.serve import run_server
 
     if args.model is not None and args.model_config is not None:
         parser.error("give MODEL_DIR or --model-config NAME, not both")
+    try:
+        server = ServerConfig(args.host, args.port, args.api_key, args.timeout_keep_alive, args.timeout_header,
+                              args.max_connections, args.shutdown_timeout, not args.disable_log_requests)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.model is None and args.model_config is None:
         print(DEFAULT_MODEL_NOTE, file=sys.stderr)
     try:
         if args.model_config is not None:
             config = _engine_config(args, tokenizer=args.tokenizer or str(default_model_dir()))
-            run_server(shape_config(args.model_config), args.host, args.port, args.api_key, config, args.model_config)
+            code = run_server(shape_config(args.model_config), server, config, args.model_config)
         else:
-            run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key,
-                       _engine_config(args, tokenizer=args.tokenizer))
+            code = run_server(args.model or str(default_model_dir()), server,
+                              _engine_config(args, tokenizer=args.tokenizer))
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium serve: {exc}\n")
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing was served yet
+        parser.exit(0, "tritium serve: interrupted\n")
+    sys.exit(code)
 
 
 def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
-"""Engine updates -> OpenAI response bodies: whole responses and streamed chunks of completions and chat, with
-usage and logprobs in OpenAI's two shapes (completions: parallel lists; chat: one entry per token)."""
+"""The pieces of OpenAI response bodies: a request's samples as updates arrive, envelopes, usage, logprobs in
+OpenAI's two shapes (completions: parallel lists; chat: one entry per token), prompt logprobs, tool calls.
+answers.py puts them together."""
 
 import json
 import time

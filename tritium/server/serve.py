@@ -1,6 +1,8 @@
-"""`tritium serve`: load the engine, start its loop and the app under uvicorn; SIGTERM lets in-flight requests
-finish (for up to a grace period) before the engine loop stops."""
+"""`tritium serve`: load the engine, start its loop and the app under the hardened uvicorn server (http.py); log
+through `logging` to stderr. SIGTERM or SIGINT drains and exits 0; an engine that dies exits 1."""
 
+import logging
+import resource
 import sys
 from pathlib import Path
 
@@ -11,28 +13,63 @@ from tritium.engine.llm_engine import LLMEngine
 from tritium.models.config import ModelConfig
 from tritium.server.app import build_app
 from tritium.server.async_engine import AsyncEngine
+from tritium.server.config import ServerConfig
+from tritium.server.http import Server, protocol_class
 from tritium.server.metrics import ServerMetrics
 
-GRACE_SECONDS = 30
+# uvicorn's own limit on the shutdown, a backstop past ours: by then every request has been answered.
+SHUTDOWN_MARGIN_SECONDS = 5
+FILES_BESIDES_CONNECTIONS = 256  # model files, the listener, pipes ...
+
+logger = logging.getLogger("tritium.server")
 
 
-def make_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, config: EngineConfig,
-                name: str | None = None) -> uvicorn.Server:
-    """A ready uvicorn server (not yet running) for a model folder, served under its folder name, or for random
-    weights in a ModelConfig's shape, served under `name`."""
+def make_server(model: str | ModelConfig, config: ServerConfig, engine_config: EngineConfig,
+                name: str | None = None) -> Server:
+    """A ready server (not yet running) for a model folder, served under its folder name, or for random weights in
+    a ModelConfig's shape, served under `name`."""
     metrics = ServerMetrics()
-    engine = AsyncEngine(LLMEngine(model, config), metrics)
-    app = build_app(engine, metrics, name or Path(model).name, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
-    return uvicorn.Server(config)
+    engine = AsyncEngine(LLMEngine(model, engine_config), metrics, config.log_requests)
+    app = build_app(engine, metrics, name or Path(model).name, config.api_key, timeout_read=config.timeout_header)
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", http=protocol_class(config),
+                        timeout_keep_alive=config.timeout_keep_alive,
+                        timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_MARGIN_SECONDS)
+    return Server(uv, engine, config.shutdown_timeout)
 
 
-def run_server(model: str | ModelConfig, host: str, port: int, api_key: str | None, config: EngineConfig,
-               name: str | None = None) -> None:
-    server = make_server(model, host, port, api_key, config, name)
+def run_server(model: str | ModelConfig, config: ServerConfig, engine_config: EngineConfig,
+               name: str | None = None) -> int:
+    """Serve until SIGTERM or SIGINT (returns 0) or the engine's death (returns 1)."""
+    _log_to_stderr()
+    _allow_open_files(config.max_connections + FILES_BESIDES_CONNECTIONS)
+    server = make_server(model, config, engine_config, name)
     name = name or Path(model).name
-    if api_key is None:
-        print(f"No --api-key: anyone who can reach {host}:{port} can use this server"
-              + (" (loopback only)." if host in ("127.0.0.1", "localhost", "::1") else "."), file=sys.stderr)
-    print(f"Serving {name} at http://{host}:{port}/v1", file=sys.stderr)
+    if config.api_key is None:
+        logger.warning("No --api-key: anyone who can reach %s:%d can use this server%s", config.host, config.port,
+                       " (loopback only)." if config.host in ("127.0.0.1", "localhost", "::1") else ".")
+    logger.info("Serving %s at http://%s:%d/v1", name, config.host, config.port)
     server.run()
+    if server.exit_code:
+        logger.critical("exiting: %s", server.engine.dead)
+    return server.exit_code
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("tritium")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files toward `wanted` (each connection holds one), up to the hard
+    limit; say so when the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logger.warning("the open-file limit (%d) is below --max-connections + %d: connections past it are refused "
+                       "by the system", hard, FILES_BESIDES_CONNECTIONS)
