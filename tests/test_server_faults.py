@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+import tritium.engine.llm_engine as llm_engine
 import tritium.engine.model_runner as model_runner
 from tests.serving import MODEL, running_server, serve_process
 from tritium.engine.config import EngineConfig
@@ -68,14 +69,14 @@ def test_a_request_that_fails_in_the_step_fails_alone(served, where, monkeypatch
 
         monkeypatch.setattr(model_runner, "sample", sample_refusing_the_marked)
     else:
-        record = engine.engine._record
+        record = llm_engine.record_token
 
-        def record_refusing_the_marked(seq, token, logprobs):
+        def record_refusing_the_marked(seq, token, logprobs, eos_ids):
             if seq.params.seed == MARK and len(seq.output_ids) == 2:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-            return record(seq, token, logprobs)
+            return record(seq, token, logprobs, eos_ids)
 
-        monkeypatch.setattr(engine.engine, "_record", record_refusing_the_marked)
+        monkeypatch.setattr(llm_engine, "record_token", record_refusing_the_marked)
     innocents, stream, whole = asyncio.run(_with_marked(url))
     assert [_text(events) for events in innocents] == alone
     error = stream[-2]["error"]

@@ -4,6 +4,7 @@ others' tokens are those they get alone; a fault that is the engine's marks it d
 import pytest
 import torch
 
+import tritium.engine.llm_engine as llm_engine
 import tritium.engine.model_runner as model_runner
 from tritium import LLM, SamplingParams
 from tritium.engine.config import EngineConfig
@@ -121,14 +122,14 @@ def test_an_engine_fault_marks_the_engine_dead_and_fails_every_request(fault, mo
 
 def test_llm_generate_reports_a_failed_request_and_returns_the_others(monkeypatch):
     llm = LLM(str(default_model_dir()), max_model_len=128)
-    record = llm.engine._record
+    record = llm_engine.record_token
 
-    def record_refusing_the_marked(seq, token, logprobs):
+    def record_refusing_the_marked(seq, token, logprobs, eos_ids):
         if seq.params.seed == MARKED.seed:
             raise RuntimeError("injected")
-        return record(seq, token, logprobs)
+        return record(seq, token, logprobs, eos_ids)
 
-    monkeypatch.setattr(llm.engine, "_record", record_refusing_the_marked)
+    monkeypatch.setattr(llm_engine, "record_token", record_refusing_the_marked)
     outs = llm.generate(["The for statement", "def f(x):"], [INNOCENT[0][1], MARKED], use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == "length" and outs[0].outputs[0].error is None
     assert outs[1].outputs[0].finish_reason == "error" and "injected" in outs[1].outputs[0].error

@@ -16,6 +16,7 @@ from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import EngineDeadError, InvalidParameter, RequestFailed, is_engine_fault
 from tritium.engine.model_runner import ModelRunner
+from tritium.engine.outputs import record_token
 from tritium.engine.page_pool import PagePool
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
@@ -28,7 +29,6 @@ from tritium.ops.attention.configs import table_choice
 
 log = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepStats:
@@ -186,7 +186,7 @@ class LLMEngine:
             if seq.seq_id not in sampled:
                 continue
             try:
-                reason = self._record(seq, *sampled[seq.seq_id])
+                reason = record_token(seq, *sampled[seq.seq_id], self.eos_ids)
             except Exception as exc:  # noqa: BLE001  its text or stop checks: its request alone fails
                 self._check_fault(exc)
                 finished += self._fail(seq.request_id, exc)
@@ -233,7 +233,7 @@ class LLMEngine:
 
     def _fail(self, request_id: str, exc: Exception) -> list[Sequence]:
         """End a request with finish_reason "error" (its pages freed); returns its sequences that were not done."""
-        logger.error("request %s failed in the engine", request_id, exc_info=exc)
+        log.error("request %s failed in the engine", request_id, exc_info=exc)
         seqs = self.abort(request_id)
         for seq in seqs:
             seq.finish_reason, seq.error = "error", f"{type(exc).__name__}: {exc}"
@@ -248,7 +248,7 @@ class LLMEngine:
         """Mark the engine dead and fail every request with it; raises the EngineDeadError."""
         dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(
             f"the engine failed: {type(exc).__name__}: {exc}")
-        logger.critical("the engine is dead: %s", dead, exc_info=exc)
+        log.critical("the engine is dead: %s", dead, exc_info=exc)
         self.dead = dead
         for request_id in {seq.request_id for seq in (*self.scheduler.waiting, *self.scheduler.running)}:
             for seq in self.abort(request_id):
@@ -269,48 +269,6 @@ class LLMEngine:
         for seq in seqs:
             self.pages.grow(seq, len(seq) + 1)
         return seqs
-
-    def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
-        """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
-        p = seq.params
-        seq.output_ids.append(token)
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token]
-        reason = None
-        if seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated()):
-            # The grammar ended on an end-of-sequence token (even with ignore_eos: nothing may follow). A token it
-            # refuses cannot have been sampled under its mask; should one be, the output ends rather than break it.
-            reason = "stop"
-        elif token in p.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
-        elif not p.ignore_eos and token in self.eos_ids:
-            reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens:
-            reason = "length"
-        if seq.detokenizer is None:
-            return reason
-        # A stop token's own text is left out, as a stop string's is.
-        text = seq.detokenizer.add(token) if reason != "stop" or p.include_stop_str_in_output else ""
-        if reason:
-            text += seq.detokenizer.flush()
-        start = len(seq.text)
-        seq.text += text
-        if len(seq.output_ids) < p.min_tokens:  # as vLLM: no stop string ends an output shorter than min_tokens
-            return reason
-        hit = _find_stop(seq.text, start, p.stop)
-        if hit is None:
-            return reason
-        at, stop = hit
-        seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
-        seq.stop_reason = stop
-        return "stop"
-
-
-def _find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """The first stop string in `text` that ends in its new part `text[start:]`: (where it begins, which)."""
-    hits = [(at, s) for s in stops if (at := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits, key=lambda hit: (hit[0], len(hit[1]))) if hits else None
 
 
 def _read_json(path: Path) -> dict:
