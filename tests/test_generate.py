@@ -93,7 +93,7 @@ def test_bad_jsonl_is_named_by_line(tmp_path, capsys, content, message):
     ([], "give PROMPT arguments or --input FILE"),
     (["hello", "--input", "x.jsonl"], "give PROMPT arguments or --input FILE"),
     (["hello", "--output", "x.jsonl"], "--output goes with --input"),
-    (["hello", "--temperature", "-1"], "temperature must be >= 0"),
+    (["hello", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["hello", "--model", "/nonexistent/folder"], "tritium generate:"),
 ])
 def test_argument_errors(args, message, capsys):

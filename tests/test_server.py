@@ -150,18 +150,23 @@ def test_disconnect_mid_stream_frees_the_pages_at_once(server):
     pages = engine.engine.pages
     idle = pages.num_pages
     body = {**OK_COMPLETION, "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
-    waits = []
+    waits, steps = [], []
     for _ in range(5):
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(events)
+            before = time.monotonic()
+            next(events)
+            steps.append(time.monotonic() - before)  # about one engine step
             assert pages.num_free < idle
         left = time.monotonic()
         while pages.num_free != idle and time.monotonic() < left + 10:
             time.sleep(0.001)
         waits.append(time.monotonic() - left)
         assert pages.num_free == idle and not engine.engine.has_unfinished()
-    assert sorted(waits)[2] < 0.05, waits  # the median; one can wait for the step in flight to end
+    # The pages come back once the step in flight ends: within 0.05 s, or a step where a step is slower (a busy
+    # machine); medians of five.
+    assert sorted(waits)[2] < max(0.05, 1.5 * sorted(steps)[2]), (waits, steps)
 
 
 @pytest.mark.parametrize(("path", "body", "prompts"), [

@@ -109,25 +109,32 @@ def test_a_thousand_idle_connections_are_closed_in_time_and_hurt_no_request():
           f"{statistics.median(after):.3f} s after")
 
 
-def test_key_and_size_are_checked_before_the_body_and_a_late_body_is_a_408():
+def test_malformed_http_key_and_size_before_the_body_and_a_late_body_get_error_objects():
     with running_server(api_key="k", max_model_len=64, server={"timeout_header": 1.0}) as (url, _):
         port = int(url.rsplit(":", 1)[1])
 
-        def answer(head: bytes, wait: float = 5.0) -> tuple[bytes, float]:
+        def answer(head: bytes, wait: float = 5.0, then: bytes = b"") -> tuple[bytes, float]:
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.settimeout(wait)
                 start = time.monotonic()
                 s.sendall(head)
+                if then:
+                    time.sleep(0.2)
+                    s.sendall(then)
                 data = b""
                 while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
                         data.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0):
                     data += s.recv(65536)
                 return data, time.monotonic() - start
 
+        malformed, _ = answer(b"GET / HTTP/1.1 extra words\r\n\r\n")
+        huge_header, _ = answer(b"GET /health HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 100_000, then=b"\r\n\r\n")
         head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         no_key, t_no_key = answer(head + b"content-length: 500\r\n\r\n{")
         too_big, t_too_big = answer(head + b"authorization: Bearer k\r\ncontent-length: 5000000\r\n\r\n{")
         late, t_late = answer(head + b"authorization: Bearer k\r\ncontent-length: 500\r\n\r\n{\"model\"")
+    for bad in (malformed, huge_header):  # refused by the HTTP parser: an error object all the same
+        assert bad.startswith(b"HTTP/1.1 400") and b'"invalid_request_error"' in bad, bad
     assert no_key.startswith(b"HTTP/1.1 401") and b'"invalid_api_key"' in no_key and t_no_key < 0.5
     assert too_big.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in too_big and t_too_big < 0.5
     assert late.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in late and 0.9 < t_late < 3

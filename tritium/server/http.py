@@ -42,6 +42,17 @@ class _Protocol(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a bad request line, headers over its size limit ...): OpenAI's error object,
+        as every other 4xx answer, where uvicorn sends plain text."""
+        body = json.dumps(error_body(f"the HTTP request is malformed: {msg}", "invalid_request_error")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
