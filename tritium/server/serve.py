@@ -1,9 +1,9 @@
-"""`tritium serve`: load the engine, start its loop and the app under the hardened uvicorn server (http.py); log
-through `logging` to stderr. SIGTERM or SIGINT drains and exits 0; an engine that dies exits 1."""
+"""`tritium serve`: load the engine, start its loop and the app under the hardened uvicorn server (http.py); logs go
+through `logging` (the command line sends them to stderr). SIGTERM or SIGINT drains and exits 0; an engine that dies
+exits 1."""
 
 import logging
 import resource
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -40,7 +40,6 @@ def make_server(model: str | ModelConfig, config: ServerConfig, engine_config: E
 def run_server(model: str | ModelConfig, config: ServerConfig, engine_config: EngineConfig,
                name: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT (returns 0) or the engine's death (returns 1)."""
-    _log_to_stderr()
     _allow_open_files(config.max_connections + FILES_BESIDES_CONNECTIONS)
     server = make_server(model, config, engine_config, name)
     name = name or Path(model).name
@@ -52,15 +51,6 @@ def run_server(model: str | ModelConfig, config: ServerConfig, engine_config: En
     if server.exit_code:
         logger.critical("exiting: %s", server.engine.dead)
     return server.exit_code
-
-
-def _log_to_stderr() -> None:
-    log = logging.getLogger("tritium")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
 
 
 def _allow_open_files(wanted: int) -> None:
