@@ -51,9 +51,12 @@ async def _with_marked(url: str) -> tuple[list, list, httpx.Response]:
 
 @pytest.fixture(scope="module")
 def served():
+    async def alone(url: str) -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return [_text(await _events(client, url, body)) for body in INNOCENTS]
+
     with running_server(max_model_len=128) as (url, engine):
-        alone = [_text(asyncio.run(_events(httpx.AsyncClient(timeout=120), url, b))) for b in INNOCENTS]
-        yield url, engine, alone
+        yield url, engine, asyncio.run(alone(url))
 
 
 @pytest.mark.parametrize("where", ["text of its third token", "batched sampling"])
