@@ -1,6 +1,7 @@
 """The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
 logprobs, stop conditions checked; finished sequences out."""
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tritium.engine.structured import Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
+from tritium.models.source import resolve_folder, resolve_model
 from tritium.ops.attention.configs import table_choice
 
 log = logging.getLogger(__name__)
@@ -40,13 +42,16 @@ class LLMEngine:
     def __init__(self, model: str | Path | ModelConfig, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         self.config = config
+        if not isinstance(model, ModelConfig):
+            model = resolve_model(model, config.revision)
+            ModelConfig.load(model)  # config.json and its architecture checked before anything is read
         tokenizer = config.tokenizer
         if tokenizer is None and not isinstance(model, ModelConfig):
             tokenizer = model
         if tokenizer is None and not config.skip_tokenizer_init:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
-        # The tokenizer first: a missing file fails fast.
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(tokenizer)
+        # The tokenizer before the weights: a missing file fails fast.
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(resolve_folder(tokenizer))
         device = config.torch_device()
         dtype = config.torch_dtype(device)
         if isinstance(model, ModelConfig):
@@ -78,6 +83,8 @@ class LLMEngine:
                                   self.max_model_len, config.max_num_batched_tokens, self.eos_ids)
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.last_step = StepStats(0, 0, 0)
+        if config.seed is not None:  # last: building the model draws from torch's generator too
+            torch.manual_seed(config.seed)  # requests without a seed of their own draw from it
 
     def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
         """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
@@ -94,6 +101,8 @@ class LLMEngine:
         """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others
         untouched. The samples share the prompt's KV pages through the prefix cache."""
         self.check_request(prompt_ids, params)
+        if params.max_tokens is None:  # up to the context, as vLLM
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
         seqs = [Sequence(list(prompt_ids), params, request_id, index=k) for k in range(params.n)]
         for seq in seqs:
             if self.tokenizer is not None:
@@ -115,8 +124,15 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is None and room < 1:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) leaves no room to generate within max_model_len "
+                             f"({self.max_model_len})")
+        if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len})")
+        if params.min_tokens > room:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + min_tokens ({params.min_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
@@ -179,12 +195,13 @@ class LLMEngine:
             self.pages.grow(seq, len(seq) + 1)
         return seqs
 
-    def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
+    def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None, rank: int | None) -> str | None:
         """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
         p = seq.params
         seq.output_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+            seq.sampled_ranks.append(rank)
             seq.cumulative_logprob += logprobs[token]
         reason = None
         if seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated()):

@@ -62,7 +62,7 @@ class StructuredOutputsParams:
 class SamplingParams:
     n: int = 1  # independent samples of each prompt
     temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: all tokens
+    top_k: int = 0  # 0 or -1: all tokens
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None  # sample k of a request draws from the stream seeded with seed + k
@@ -73,7 +73,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the context (max_model_len)
     min_tokens: int = 0  # end-of-sequence and stop_token_ids are blocked, stop strings unchecked, until then
     stop: str | list[str] | tuple[str, ...] | None = None  # kept as a tuple
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -88,8 +88,10 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 keep all tokens), got {self.top_k!r}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
@@ -101,9 +103,9 @@ class SamplingParams:
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
