@@ -1,223 +1,346 @@
-"""The `tritium` command: argument parsing only; the work happens in the layers below."""
+"""The `tritium` command: argument parsing only; the work happens in the layers below.
+
+Option names are vLLM's where the option is the same. The engine options' destinations are EngineConfig's field
+names, so `_engine_config` passes them on without a table of its own.
+"""
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tritium.engine.config import EngineConfig
+from tritium.engine.config import DTYPES as ENGINE_DTYPES
+from tritium.engine.config import EngineConfig
 
-DTYPES = ("bfloat16", "float16")
+KERNEL_DTYPES = ("bfloat16", "float16")
+RESULTS = Path("benchmarks/results")
+DEFAULT_MODEL_NOTE = ("Using Tritium's built-in demo model (7M parameters trained on Python's own documentation; "
+                      "see tritium/default_model/README.md). Give a model folder or Hugging Face id (--model) "
+                      "for another.")
+_ENGINE = EngineConfig()  # the defaults the help text shows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tritium", description="LLM inference around one unified Triton kernel.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    gen = commands.add_parser("generate", help="generate text: prompts streamed to the terminal, or JSONL in and out")
-    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts, each streamed in turn")
-    gen.add_argument("--model", default=None, metavar="DIR",
-                     help="Hugging Face model folder (default: the small model that ships with Tritium)")
-    gen.add_argument("--input", type=Path, default=None, help="JSONL of {prompt | prompt_token_ids | messages}")
-    gen.add_argument("--output", type=Path, default=None, help="JSONL results (default: standard output)")
-    gen.add_argument("--chat", action="store_true", help="send each PROMPT as a user message through the chat template")
-    # Unset sampling options take the model's generation_config.json defaults, then SamplingParams' own.
-    gen.add_argument("--max-tokens", type=int, default=None, help="default: the model's max_new_tokens, else 64")
-    gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--min-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--n", type=int, default=1, help="samples per prompt (JSONL mode)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
-    _engine_options(gen)
-    gen.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out (JSONL mode)")
-
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
-    serve.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
-                       help="Hugging Face model folder (default: the small model that ships with Tritium)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every /v1 request")
-    serve.add_argument("--model-config", default=None, metavar="NAME",
-                       help="serve random weights in a real model's shape instead of a folder (benchmarks): "
-                       + ", ".join(_model_shapes()))
-    serve.add_argument("--tokenizer", default=None, metavar="DIR",
-                       help="take the tokenizer from this folder (default: the model's; with --model-config, the "
-                       "default model's)")
-    _engine_options(serve)
-
-    bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run")
-    suites = bench.add_subparsers(dest="suite", required=True)
-    kernels = suites.add_parser("kernels", help="the attention scenario suite against FlashAttention-3 and others")
-    kernels.add_argument("--quick", action="store_true",
-                         help="shrunk scenarios (always so without a GPU: kernels then run in Triton's interpreter)")
-    kernels.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens (default 16)")
-    kernels.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    kernels.add_argument("--scenario", action="append", metavar="TEXT",
-                         help="run only scenarios whose name contains TEXT (repeatable)")
-    kernels.add_argument("--peer", action="append", metavar="NAME", help="time only these peers (repeatable)")
-    kernels.add_argument("--eager", action="store_true",
-                         help="time each call as made (host cost included) instead of CUDA-graph replays")
-    kernels.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
-
-    throughput = suites.add_parser("throughput", help="engine generation speed on random prompts, beside transformers")
-    throughput.add_argument("--model-config", default=None, metavar="NAME",
-                            help="random weights in a real model's shape: " + ", ".join(_model_shapes()))
-    throughput.add_argument("--model", default=None, metavar="DIR", help="a Hugging Face model folder instead")
-    throughput.add_argument("--num-prompts", type=int, default=256)
-    throughput.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    throughput.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    throughput.add_argument("--single", action="store_true", help="one stream (latency mode) instead of the batch")
-    throughput.add_argument("--hf-prompts", type=int, default=32,
-                            help="requests transformers' generate runs as the peer (0: no peer)")
-    throughput.add_argument("--seed", type=int, default=0)
-    throughput.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
-    _engine_options(throughput)
-
-    serve_bench = suites.add_parser("serve", help="load on any OpenAI-compatible server: throughput, TTFT, TPOT, ITL")
-    serve_bench.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
-    serve_bench.add_argument("--model", default=None, help="model name to ask for (default: the server's first)")
-    serve_bench.add_argument("--num-prompts", type=int, default=64)
-    serve_bench.add_argument("--request-rate", type=float, default=float("inf"),
-                             help="requests per second, Poisson arrivals (default: all at once)")
-    serve_bench.add_argument("--prompts", type=Path, default=None, help='JSONL of {"prompt": str} lines')
-    serve_bench.add_argument("--input-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
-                             help="random prompts' length in words (without --prompts)")
-    serve_bench.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    serve_bench.add_argument("--api-key", default=None)
-    serve_bench.add_argument("--seed", type=int, default=0)
-    serve_bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
-
-    moe = suites.add_parser("moe", help="the fused-MoE layer alone, 1 to 4096 tokens, beside PyTorch and a dense GEMM")
-    moe.add_argument("--model-config", action="append", metavar="NAME",
-                     help="MoE layer shapes (repeatable; default: all of " + ", ".join(_moe_shapes()) + ")")
-    moe.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
-                     help="token counts (default 1, 2, 4 .. 4096)")
-    moe.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    moe.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
-
-    tune = commands.add_parser("tune", help="tune a kernel (attention, or the fused MoE) for this GPU and cache the "
-                               "winning configs")
-    tune.add_argument("--op", choices=("attention", "moe"), default="attention", help="the kernel to tune")
-    tune.add_argument("--scenario", action="append", metavar="TEXT",
-                      help="attention: tune only matching scenarios (repeatable)")
-    tune.add_argument("--page-size", type=int, default=16, help="attention: KV-cache page size in tokens (default 16)")
-    tune.add_argument("--model-config", action="append", metavar="NAME",
-                      help="moe: tune only these layer shapes (repeatable; default: all of "
-                      + ", ".join(_moe_shapes()) + ")")
-    tune.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
-                      help="moe: token counts to tune (default 1, 2, 4 .. 4096)")
-    tune.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    tune.add_argument("--cache", type=Path, default=None,
-                      help="JSON file to merge the winners into (default: the user cache the kernel reads)")
-
+    parser = build_parser()
     args = parser.parse_args(argv)
     # The engine's start-up notes (which tuned table the kernel runs with, the auto-tune) go to standard error.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tritium").setLevel(logging.INFO)
-    if args.command == "generate":
-        _generate(parser, args)
-    elif args.command == "serve":
-        _serve(parser, args)
-    elif args.command == "bench" and args.suite == "serve":
-        _bench_serve(parser, args)
-    elif args.command == "tune":
-        _tune(parser, args)
-    elif args.command == "bench" and args.suite == "moe":
-        _bench_moe(parser, args)
-    elif args.command == "bench" and args.suite == "kernels":
-        if args.page_size < 1:
-            parser.error(f"--page-size must be a positive number of tokens, got {args.page_size}")
-        import torch
-
-        from tritium.bench.kernels import run_kernel_bench
-
-        peers = args.peer
-        if peers and "tritium" not in peers:
-            peers = ["tritium", *peers]
-        try:
-            run_kernel_bench(args.scenario, args.page_size, getattr(torch, args.dtype), args.quick, peers, args.out,
-                             args.eager)
-        except ValueError as exc:
-            parser.error(str(exc))
-    elif args.command == "bench" and args.suite == "throughput":
-        if (args.model is None) == (args.model_config is None):
-            parser.error("give one of --model-config NAME or --model DIR")
-        if args.model_config is not None and args.model_config not in _model_shapes():
-            parser.error(f"unknown --model-config {args.model_config!r}; known: {', '.join(_model_shapes())}")
-        for name in ("input_len", "output_len"):
-            lo, hi = getattr(args, name)
-            if not 1 <= lo <= hi:
-                parser.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
-        if args.num_prompts < 1 or args.hf_prompts < 0:
-            parser.error("--num-prompts must be >= 1 and --hf-prompts >= 0")
-        from tritium.bench.throughput import Workload, run_throughput_bench
-
-        workload = Workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.seed)
-        try:
-            run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out,
-                                 _engine_config(args))
-        except (ValueError, RuntimeError) as exc:
-            parser.exit(2, f"tritium bench throughput: {exc}\n")
+    args.run(args.command_parser, args)  # errors then show the command's own usage
     return 0
 
 
-def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: `tritium generate | serve | bench kernels | bench throughput | bench serve | tune`."""
+    parser = _parser(prog="tritium", description="LLM inference around one unified Triton kernel.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(commands)
+    _add_serve(commands)
+    bench = commands.add_parser("bench", help="benchmarks: tables, JSON and PNG plots, peers timed in the same run",
+                                description="Benchmarks: tables, JSON and PNG plots, peers timed in the same run.",
+                                allow_abbrev=False)
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    _add_bench_kernels(suites)
+    _add_bench_throughput(suites)
+    _add_bench_serve(suites)
+    _add_bench_moe(suites)
+    _add_tune(commands)
+    return parser
+
+
+def _parser(**kwargs) -> argparse.ArgumentParser:
+    # allow_abbrev=False: argparse would otherwise take `--model` for `--model-config` where only the latter exists.
+    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+
+def _command(commands, name: str, help_: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                                  allow_abbrev=False)
+    command.set_defaults(command_parser=command)
+    return command
+
+
+# --- the options generate, serve and bench throughput share ---
+
+
+def _model_options(parser: argparse.ArgumentParser, positional: bool) -> None:
+    """Which model: a folder or Hugging Face id (as `MODEL` too where `positional`), or random weights in a shape."""
+    if positional:
+        parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                            help="same as --model (default: none)")
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="Hugging Face model folder or Hub id (org/name): the local cache first, then a download "
+                        "unless HF_HUB_OFFLINE=1 (default: Tritium's demo model)")
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="branch, tag or commit of a Hub model (default: main)")
+    parser.add_argument("--tokenizer", default=None, metavar="MODEL",
+                        help="take the tokenizer from this folder or Hub id (default: the model's; with "
+                        "--model-config, the demo model's)")
+    parser.add_argument("--model-config", default=None, metavar="NAME",
+                        help="random weights in a real model's shape instead of a model, for benchmarks: "
+                        f"{', '.join(_model_shapes())} (default: none)")
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    """EngineConfig's settings; each option's destination is the field's name."""
+    group = parser.add_argument_group("engine options")
+    add = group.add_argument
+    add("--dtype", choices=ENGINE_DTYPES, default=_ENGINE.dtype,
+        help="weights and activations; auto: bfloat16 on a GPU, float32 on the CPU (default: %(default)s)")
+    add("--max-model-len", type=int, default=None, metavar="N",
+        help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    add("--block-size", type=int, default=_ENGINE.block_size, metavar="N",
+        help="tokens per KV-cache page (default: %(default)s)")
+    add("--max-num-batched-tokens", type=int, default=_ENGINE.max_num_batched_tokens, metavar="N",
+        help="token budget of one engine step (default: %(default)s)")
+    add("--max-num-seqs", type=int, default=_ENGINE.max_num_seqs, metavar="N",
+        help="sequences in one engine step (default: %(default)s)")
+    add("--gpu-memory-utilization", type=float, default=_ENGINE.gpu_memory_utilization, metavar="F",
+        help="share of the GPU's free memory the KV cache may take (default: %(default)s)")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=_ENGINE.enable_prefix_caching,
+        help="share the KV pages of identical prompt prefixes (default: on)")
+    add("--enforce-eager", action="store_true",
+        help="run decode steps eagerly, not as CUDA graphs (default: off)")
+    add("--auto-tune", action=argparse.BooleanOptionalAction, default=_ENGINE.auto_tune,
+        help="at start on a GPU, tune the attention classes its tuned table lacks; TRITIUM_AUTO_TUNE=0 turns it off "
+        "too (default: on)")
+    add("--seed", type=int, default=None,
+        help="seed the random draws of requests that carry no seed of their own, so a run repeats "
+        "(default: none, each run differs)")
+
+
+def _engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
+    """The EngineConfig the options on the command line ask for (plus `extra` fields)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**{**given, **extra})
+
+
+def _model_and_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(a model folder or Hub id, or a ModelConfig of random weights; its EngineConfig). Without a model, the demo
+    model (said on standard error)."""
+    from tritium import default_model_path
+    from tritium.models.shapes import shape_config
+
+    model = args.model
+    if getattr(args, "model_positional", None) is not None:
+        if model is not None:
+            parser.error("give the model as MODEL or as --model, not both")
+        model = args.model_positional
+    if model is not None and args.model_config is not None:
+        parser.error("give MODEL or --model-config NAME, not both")
+    if args.model_config is not None:
+        tokenizer = args.tokenizer
+        if tokenizer is None and not getattr(args, "skip_tokenizer_init", False):
+            tokenizer = default_model_path()
+        return shape_config(args.model_config), _engine_config(args, tokenizer=tokenizer)
+    if model is None:
+        print(DEFAULT_MODEL_NOTE, file=sys.stderr)
+        model = default_model_path()
+    return model, _engine_config(args)
+
+
+# --- generate ---
+
+
+def _add_generate(commands) -> None:
+    gen = _command(commands, "generate", "generate text: prompts streamed to the terminal, or JSONL in and out")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT",
+                     help="prompts, each streamed in turn (default: none; then give --input)")
+    gen.add_argument("--input", type=Path, default=None, metavar="FILE",
+                     help="JSONL lines of {prompt | prompt_token_ids | messages} and optional sampling fields "
+                     "(default: none)")
+    gen.add_argument("--output", type=Path, default=None, metavar="FILE",
+                     help="JSONL results of --input (default: standard output)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each PROMPT as a user message through the chat template (default: off)")
+    gen.add_argument("--skip-tokenizer-init", action="store_true",
+                     help="load no tokenizer: --input lines hold prompt_token_ids, results token ids (default: off)")
+    _model_options(gen, positional=False)
+    _sampling_options(gen)
+    _engine_options(gen)
+    gen.set_defaults(run=_run_generate)
+
+
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    # Unset options take the model's generation_config.json defaults, then SamplingParams' own.
+    group = parser.add_argument_group("sampling options (JSONL lines may set their own)")
+    add = group.add_argument
+    add("--max-tokens", type=int, default=None, metavar="N",
+        help="tokens to generate at most (default: the model's max_new_tokens, else 64)")
+    add("--temperature", type=float, default=None, metavar="T",
+        help="0 is greedy (default: the model's, else 1)")
+    add("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens; 0 or -1: all "
+        "(default: the model's, else all)")
+    add("--top-p", type=float, default=None, metavar="P",
+        help="keep the most likely tokens up to this mass (default: the model's, else 1)")
+    add("--min-p", type=float, default=None, metavar="P",
+        help="drop tokens below P times the most likely one's probability (default: the model's, else 0)")
+    add("--n", type=int, default=1, metavar="N", help="samples per prompt (default: %(default)s)")
+    add("--stop", action="append", default=[], metavar="TEXT",
+        help="end a sample before this text (repeatable; default: none)")
+    add("--ignore-eos", action="store_true", help="go on past the end-of-sequence token (default: off)")
+
+
+def _run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tritium.engine.sampling_params import SamplingParams
+    from tritium.generate import read_prompts, run_generate
+
     if bool(args.prompts) == (args.input is not None):
         parser.error("give PROMPT arguments or --input FILE (one of the two)")
     if args.output is not None and args.input is None:
         parser.error("--output goes with --input (prompts on the command line stream to the terminal)")
-    from tritium.engine.sampling_params import SamplingParams
-    from tritium.generate import run_generate
-
+    if args.skip_tokenizer_init and args.input is None:
+        parser.error("--skip-tokenizer-init goes with --input (prompts on the command line are text)")
     sampling = {name: value for name in ("temperature", "top_k", "top_p", "min_p", "max_tokens")
                 if (value := getattr(args, name)) is not None}
-    sampling.update(seed=args.seed, n=args.n, stop=args.stop, ignore_eos=args.ignore_eos)
+    sampling.update(n=args.n, stop=args.stop, ignore_eos=args.ignore_eos)
     try:
-        SamplingParams(**sampling)  # bad values are named before the model loads
-    except ValueError as exc:
-        parser.error(str(exc))
+        SamplingParams(**sampling)  # bad values, and a bad input file, are named before the model loads
+        items = None if args.input is None else read_prompts(args.input, sampling, args.skip_tokenizer_init)
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"tritium generate: {exc}\n")
     try:
-        config = _engine_config(args, skip_tokenizer_init=args.skip_tokenizer_init)
-        run_generate(args.model, args.prompts, args.input, args.output, sampling, config, chat=args.chat)
+        model, config = _model_and_config(parser, args)
+        run_generate(model, config, sampling, args.prompts, items, args.output, args.chat)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")
 
 
-def _engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16, help="KV-cache page size in tokens")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly, not as CUDA graphs")
-    parser.add_argument("--no-auto-tune", action="store_true",
-                        help="do not tune, at start, the attention classes this GPU's tuned table lacks "
-                        "(TRITIUM_AUTO_TUNE=0 does the same)")
+# --- serve ---
 
 
-def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
-    """The EngineConfig the engine options (and `extra` fields) on the command line ask for."""
-    from tritium.engine.config import EngineConfig
+def _add_serve(commands) -> None:
+    serve = _command(commands, "serve", "an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    _model_options(serve, positional=True)
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model's name in the API (default: the Hub id as given, the folder's name, or "
+                       "the --model-config name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require Authorization: Bearer KEY on every /v1 request (default: none)")
+    _engine_options(serve)
+    serve.set_defaults(run=_run_serve)
 
-    return EngineConfig(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        auto_tune=not args.no_auto_tune, **extra)
+
+def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tritium.server.serve import run_server
+
+    try:
+        model, config = _model_and_config(parser, args)
+        name = args.served_model_name or args.model_config
+        run_server(model, args.host, args.port, args.api_key, config, name)
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"tritium serve: {exc}\n")
 
 
-def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+# --- bench ---
+
+
+def _add_bench_kernels(suites) -> None:
+    kernels = _command(suites, "kernels", "the attention scenario suite against FlashAttention-3 and others")
+    kernels.add_argument("--quick", action="store_true",
+                         help="shrunk scenarios (always so without a GPU: kernels then run in Triton's interpreter; "
+                         "default: off)")
+    kernels.add_argument("--page-size", type=int, default=16, metavar="N",
+                         help="KV-cache page size in tokens (default: %(default)s)")
+    kernels.add_argument("--dtype", choices=KERNEL_DTYPES, default="bfloat16", help="default: %(default)s")
+    kernels.add_argument("--scenario", action="append", metavar="TEXT",
+                         help="run only scenarios whose name contains TEXT (repeatable; default: all)")
+    kernels.add_argument("--peer", action="append", metavar="NAME",
+                         help="time only these peers (repeatable; default: every peer that imports)")
+    kernels.add_argument("--eager", action="store_true",
+                         help="time each call as made (host cost included) instead of CUDA-graph replays "
+                         "(default: off)")
+    kernels.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG (default: %(default)s)")
+    kernels.set_defaults(run=_run_bench_kernels)
+
+
+def _run_bench_kernels(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    from tritium.bench.kernels import run_kernel_bench
+
+    if args.page_size < 1:
+        parser.error(f"--page-size must be a positive number of tokens, got {args.page_size}")
+    peers = args.peer
+    if peers and "tritium" not in peers:
+        peers = ["tritium", *peers]
+    try:
+        run_kernel_bench(args.scenario, args.page_size, getattr(torch, args.dtype), args.quick, peers, args.out,
+                         args.eager)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _add_bench_throughput(suites) -> None:
+    throughput = _command(suites, "throughput", "engine generation speed on random prompts, beside transformers")
+    _model_options(throughput, positional=False)
+    throughput.add_argument("--num-prompts", type=int, default=256, metavar="N",
+                            help="requests in the batch (default: %(default)s)")
+    _length_options(throughput, "token")
+    throughput.add_argument("--single", action="store_true",
+                            help="one stream (latency mode) instead of the batch (default: off)")
+    throughput.add_argument("--hf-prompts", type=int, default=32, metavar="N",
+                            help="requests transformers' generate runs as the peer; 0: no peer (default: %(default)s)")
+    throughput.add_argument("--out", type=Path, default=RESULTS,
+                            help="folder for JSON and PNG (default: %(default)s)")
+    _engine_options(throughput)  # its --seed also seeds the random prompts
+    throughput.set_defaults(run=_run_bench_throughput)
+
+
+def _length_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    for name in ("input", "output"):
+        parser.add_argument(f"--{name}-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
+                            help=f"random {name} lengths in {unit}s, uniform in [MIN, MAX] (default: 100 1024)")
+
+
+def _check_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("input_len", "output_len"):
         lo, hi = getattr(args, name)
         if not 1 <= lo <= hi:
             parser.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
+
+
+def _run_bench_throughput(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tritium.bench.throughput import Workload, run_throughput_bench
+
+    if (args.model is None) == (args.model_config is None):
+        parser.error("give one of --model-config NAME or --model MODEL")
+    if args.model_config is not None and args.model_config not in _model_shapes():
+        parser.error(f"unknown --model-config {args.model_config!r}; known: {', '.join(_model_shapes())}")
+    _check_lengths(parser, args)
+    if args.num_prompts < 1 or args.hf_prompts < 0:
+        parser.error("--num-prompts must be >= 1 and --hf-prompts >= 0")
+    seed = 0 if args.seed is None else args.seed
+    workload = Workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), seed)
+    try:
+        run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out,
+                             _engine_config(args, seed=seed))
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"tritium bench throughput: {exc}\n")
+
+
+def _add_bench_serve(suites) -> None:
+    serve = _command(suites, "serve", "load on any OpenAI-compatible server: throughput, TTFT, TPOT, ITL")
+    serve.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000 (required)")
+    serve.add_argument("--model", default=None, help="model name to ask for (default: the server's first)")
+    serve.add_argument("--num-prompts", type=int, default=64, metavar="N", help="requests (default: %(default)s)")
+    serve.add_argument("--request-rate", type=float, default=float("inf"), metavar="R",
+                       help="requests per second, Poisson arrivals (default: inf, all at once)")
+    serve.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                       help='JSONL of {"prompt": str} lines (default: random words)')
+    _length_options(serve, "word")
+    serve.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: none)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrivals "
+                       "(default: %(default)s)")
+    serve.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG (default: %(default)s)")
+    serve.set_defaults(run=_run_bench_serve)
+
+
+def _run_bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_lengths(parser, args)
     if args.num_prompts < 1 or not args.request_rate > 0:
         parser.error("--num-prompts must be >= 1 and --request-rate > 0")
     import httpx
@@ -231,48 +354,21 @@ def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.exit(2, f"tritium bench serve: {exc}\n")
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from tritium.generate import DEFAULT_MODEL_NOTE, default_model_dir
-    from tritium.models.shapes import shape_config
-    from tritium.server.serve import run_server
-
-    if args.model is not None and args.model_config is not None:
-        parser.error("give MODEL_DIR or --model-config NAME, not both")
-    if args.model is None and args.model_config is None:
-        print(DEFAULT_MODEL_NOTE, file=sys.stderr)
-    try:
-        if args.model_config is not None:
-            config = _engine_config(args, tokenizer=args.tokenizer or str(default_model_dir()))
-            run_server(shape_config(args.model_config), args.host, args.port, args.api_key, config, args.model_config)
-        else:
-            run_server(args.model or str(default_model_dir()), args.host, args.port, args.api_key,
-                       _engine_config(args, tokenizer=args.tokenizer))
-    except (ValueError, OSError) as exc:
-        parser.exit(2, f"tritium serve: {exc}\n")
+# --- tune ---
 
 
-def _tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.op == "moe" and args.scenario:
-        parser.error("--scenario selects attention scenarios; with --op moe use --model-config and --tokens")
-    if args.op == "attention" and (args.model_config or args.tokens):
-        parser.error("--model-config and --tokens go with --op moe")
-    if args.tokens and min(args.tokens) < 1:
-        parser.error("--tokens must be positive")
-    import torch
-
-    try:
-        from tritium.bench.tune import tune as run_tune
-        from tritium.bench.tune import tune_moe
-
-        if args.op == "moe":
-            tune_moe(args.model_config, args.tokens, getattr(torch, args.dtype), args.cache)
-        else:
-            run_tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
-    except (ValueError, RuntimeError) as exc:
-        parser.exit(2, f"tritium tune: {exc}\n")
+def _add_bench_moe(suites) -> None:
+    moe = _command(suites, "moe", "the fused-MoE layer alone, 1 to 4096 tokens, beside PyTorch and a dense GEMM")
+    moe.add_argument("--model-config", action="append", metavar="NAME",
+                     help=f"MoE layer shapes (repeatable; default: all of {', '.join(_moe_shapes())})")
+    moe.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
+                     help="token counts (default: 1, 2, 4 .. 4096)")
+    moe.add_argument("--dtype", choices=KERNEL_DTYPES, default="bfloat16", help="default: %(default)s")
+    moe.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG (default: %(default)s)")
+    moe.set_defaults(run=_run_bench_moe)
 
 
-def _bench_moe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _run_bench_moe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.tokens and min(args.tokens) < 1:
         parser.error("--tokens must be positive")
     import torch
@@ -285,16 +381,57 @@ def _bench_moe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(str(exc))
 
 
-def _moe_shapes() -> list[str]:
-    from tritium.models.shapes import MODEL_SHAPES
+def _add_tune(commands) -> None:
+    tune = _command(commands, "tune", "tune a kernel (attention, or the fused MoE) for this GPU and cache the winning "
+                    "configs")
+    tune.add_argument("--op", choices=("attention", "moe"), default="attention",
+                      help="the kernel to tune (default: %(default)s)")
+    tune.add_argument("--scenario", action="append", metavar="TEXT",
+                      help="attention: tune only scenarios whose name contains TEXT (repeatable; default: all)")
+    tune.add_argument("--page-size", type=int, default=16, metavar="N",
+                      help="attention: KV-cache page size in tokens (default: %(default)s)")
+    tune.add_argument("--model-config", action="append", metavar="NAME",
+                      help="moe: tune only these layer shapes (repeatable; default: all of "
+                      f"{', '.join(_moe_shapes())})")
+    tune.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
+                      help="moe: token counts to tune (default: 1, 2, 4 .. 4096)")
+    tune.add_argument("--dtype", choices=KERNEL_DTYPES, default="bfloat16", help="default: %(default)s")
+    tune.add_argument("--cache", type=Path, default=None, metavar="FILE",
+                      help="JSON file to merge the winners into (default: the user cache the kernel reads, "
+                      "under ~/.cache/tritium or $TRITIUM_CACHE_DIR)")
+    tune.set_defaults(run=_run_tune)
 
-    return [name for name, fields in MODEL_SHAPES.items() if "num_experts_per_tok" in fields]
+
+def _run_tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.op == "moe" and args.scenario:
+        parser.error("--scenario selects attention scenarios; with --op moe use --model-config and --tokens")
+    if args.op == "attention" and (args.model_config or args.tokens):
+        parser.error("--model-config and --tokens go with --op moe")
+    if args.tokens and min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
+    import torch
+
+    from tritium.bench.tune import tune, tune_moe
+
+    try:
+        if args.op == "moe":
+            tune_moe(args.model_config, args.tokens, getattr(torch, args.dtype), args.cache)
+        else:
+            tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"tritium tune: {exc}\n")
 
 
 def _model_shapes() -> list[str]:
     from tritium.models.shapes import MODEL_SHAPES
 
     return list(MODEL_SHAPES)
+
+
+def _moe_shapes() -> list[str]:
+    from tritium.models.shapes import MODEL_SHAPES
+
+    return [name for name, fields in MODEL_SHAPES.items() if "num_experts_per_tok" in fields]
 
 
 if __name__ == "__main__":
