@@ -5,13 +5,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+from tritium import default_model_path
 from tritium.engine.config import EngineConfig
-from tritium.generate import default_model_dir
 from tritium.server.async_engine import AsyncEngine
 from tritium.server.serve import make_server
 
-MODEL = default_model_dir().name
+MODEL = Path(default_model_path()).name
 
 
 @contextmanager
@@ -22,7 +23,7 @@ def running_server(api_key: str | None = None, model=None, name: str | None = No
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = EngineConfig.from_options(**engine_options)
-    server = make_server(model or str(default_model_dir()), "127.0.0.1", port, api_key, config, name)
+    server = make_server(model or default_model_path(), "127.0.0.1", port, api_key, config, name)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
-from tritium.engine.sequence import Sequence
-from tritium.server.metrics import ServerMetrics
+from tritium.engine.sequence import Sequence, Status
+from tritium.server.metrics import SeqTimes, ServerMetrics
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class _Request:
     first_index: int  # prompt index * n
     seqs: list[Sequence] = field(default_factory=list)
     sent: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens already reported
-    last_token_at: dict[int, float] = field(default_factory=dict)
+    times: dict[int, SeqTimes] = field(default_factory=dict)  # seq_id -> its timestamps, for the metrics
     done: set[int] = field(default_factory=set)  # seq_ids whose end was reported
 
 
@@ -103,12 +103,13 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 self.engine.step()
             except Exception as exc:  # noqa: BLE001  a failed step ends its requests, not the server
                 self._fail_all(EngineDead(f"the engine failed: {exc}"))
                 continue
-            self._publish()
+            self._publish(started)
 
     def _drain(self) -> bool:
         """Apply queued commands; False once asked to stop."""
@@ -124,9 +125,9 @@ class AsyncEngine:
             else:
                 for request_id in command[1]:
                     self.engine.abort(request_id)
-                    if self._requests.pop(request_id, None) is not None:
-                        self.metrics.requests.labels("abort").inc()
-            self._gauges()
+                    if (req := self._requests.pop(request_id, None)) is not None:
+                        self._finish_unreported(req, "abort")
+            self.metrics.engine_state(self.engine, stepped=False)
 
     def _add(self, request_ids: list[str], prompts: list[list[int]], params: SamplingParams,
              reqs: list[_Request]) -> None:
@@ -143,23 +144,29 @@ class AsyncEngine:
             error = ValueError(f"prompt {len(added)}: {exc}") if len(prompts) > 1 else exc
             reqs[0].loop.call_soon_threadsafe(reqs[0].updates.put_nowait, error)
             return
+        for req, prompt_ids in zip(reqs, prompts):
+            req.times = {seq.seq_id: SeqTimes(req.arrival, len(prompt_ids)) for seq in req.seqs}
         self._requests.update(zip(request_ids, reqs))
-        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
 
-    def _publish(self) -> None:
+    def _publish(self, started: float) -> None:
+        """Send each request the progress of the step that began at `started`, and record it in the metrics."""
         now = time.perf_counter()
         for request_id, req in list(self._requests.items()):
             updates = []
             for seq in req.seqs:
+                times = req.times[seq.seq_id]
+                if times.scheduled is None and (seq.status is not Status.WAITING or seq.output_ids):
+                    times.scheduled = started
                 sent = req.sent.get(seq.seq_id, 0)
                 new = len(seq.output_ids) - sent
                 if seq.seq_id in req.done or (not new and seq.finish_reason is None):
                     continue
                 if new:
-                    self._time_tokens(req, seq.seq_id, now, new)
+                    self.metrics.tokens(times, now, new)
                 req.sent[seq.seq_id] = len(seq.output_ids)
                 if seq.finish_reason is not None:
                     req.done.add(seq.seq_id)
+                    self.metrics.finish(times, seq.finish_reason, now, len(seq.output_ids), seq.params)
                 first = sent == 0 and seq.params.prompt_logprobs is not None
                 updates.append(SeqUpdate(req.first_index + seq.index, seq.text, seq.output_ids[sent:],
                                          seq.logprobs[sent:], seq.finish_reason,
@@ -168,28 +175,19 @@ class AsyncEngine:
                 req.loop.call_soon_threadsafe(req.updates.put_nowait, updates)
             if all(s.finish_reason is not None for s in req.seqs):
                 del self._requests[request_id]
-                self.metrics.requests.labels(req.seqs[0].finish_reason).inc()
-        self._gauges()
+        self.metrics.engine_state(self.engine, stepped=True)
 
-    def _time_tokens(self, req: _Request, seq_id: int, now: float, new: int) -> None:
-        self.metrics.generation_tokens.inc(new)
-        last = req.last_token_at.get(seq_id)
-        if last is None:
-            self.metrics.ttft.observe(now - req.arrival)
-        else:
-            self.metrics.tpot.observe((now - last) / new)
-        req.last_token_at[seq_id] = now
-
-    def _gauges(self) -> None:
-        sched = self.engine.scheduler
-        self.metrics.running.set(len({s.request_id for s in sched.running}))
-        self.metrics.waiting.set(len({s.request_id for s in sched.waiting} - {s.request_id for s in sched.running}))
-        pages = self.engine.pages
-        self.metrics.kv_usage.set(1 - pages.num_free / pages.num_pages)
+    def _finish_unreported(self, req: _Request, reason: str) -> None:
+        """Count the request's sequences whose end was not reported as ended for `reason` (abort, error)."""
+        now = time.perf_counter()
+        for seq in req.seqs:
+            if seq.seq_id not in req.done:
+                self.metrics.finish(req.times[seq.seq_id], reason, now, len(seq.output_ids), seq.params)
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id, req in self._requests.items():
             self.engine.abort(request_id)
+            self._finish_unreported(req, "error")
             req.loop.call_soon_threadsafe(req.updates.put_nowait, exc)
         self._requests.clear()
-        self._gauges()
+        self.metrics.engine_state(self.engine, stepped=False)
