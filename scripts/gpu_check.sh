@@ -37,7 +37,7 @@ case $what in
     skip=()
     python3 -c "import openai, schemathesis, uvicorn, pydantic" 2> /dev/null || skip=(--ignore=tests/test_server.py
       --ignore=tests/test_server_schema.py --ignore=tests/test_server_shutdown.py --ignore=tests/bench/test_serve_bench.py
-      --ignore=tests/engine/test_generation_defaults.py)
+      --ignore=tests/engine/test_generation_defaults.py --ignore=tests/test_metrics.py --ignore=tests/test_docs.py)
     python3 -m pytest -m gpu -q -p no:cacheprovider "${skip[@]}" "$@" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   bench) python3 -m tritium.cli bench kernels --out "$OUT" "$@" 2>&1 | grep -v "scenarios:" | tee -a "$OUT/bench.log" ;;
   moe)

@@ -241,7 +241,10 @@ def serve_args(monkeypatch, argv: list[str]) -> dict:
 
 
 def test_serve_takes_the_model_as_vllm_does(monkeypatch, capsys):
+    from tritium.server.serve import served_name
+
     assert serve_args(monkeypatch, ["org/model"])["model"] == "org/model"
+    assert served_name("org/model") == "org/model" and served_name(default_model_path()) == "default_model"
     got = serve_args(monkeypatch, ["--model", "org/model", "--served-model-name", "mine", "--revision", "v2"])
     assert got["model"] == "org/model" and got["name"] == "mine" and got["config"].revision == "v2"
     got = serve_args(monkeypatch, [])
