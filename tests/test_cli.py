@@ -1,4 +1,4 @@
-"""The `tritium` command (tritium/cli.py) on the CPU: its options (vLLM's names, help with defaults, what reaches
+"""The `tritium` command (tritium/cli/) on the CPU: its options (vLLM's names, help with defaults, what reaches
 EngineConfig), the bench commands, and the bench report's table (tritium/bench/kernels.py)."""
 
 import argparse

@@ -1,4 +1,4 @@
-"""`tritium generate` (tritium/generate.py through tritium/cli.py) on the default model that ships in the package."""
+"""`tritium generate` (tritium/generate.py through tritium/cli/) on the default model that ships in the package."""
 
 import json
 from pathlib import Path
