@@ -95,7 +95,7 @@ def test_bad_requests_leave_engine_serving(family_dir):
 
 
 def test_sampling_params_errors():
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"min_p": 2}, {"max_tokens": 0}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"min_p": 2}, {"max_tokens": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
 
