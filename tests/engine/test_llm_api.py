@@ -39,7 +39,7 @@ def test_top_k_minus_one_keeps_every_token(llm):
 
 
 def test_an_engine_seed_repeats_unseeded_requests():
-    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, n=2)
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
     runs = []
     for seed in (7, 7, 8):
         results = LLM(seed=seed, max_model_len=CONTEXT).generate(["Exceptions"], params, use_tqdm=False)
