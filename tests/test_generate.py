@@ -79,7 +79,8 @@ def test_jsonl_lines_carry_their_own_sampling_fields(llm, tmp_path):
     ids = llm.engine.tokenizer.encode("import statement")
     lines = [{"prompt": "The while loop", "max_tokens": 3},
              {"prompt": "Exceptions", "n": 2, "seed": 1, "temperature": 0.9, "max_tokens": 5},
-             {"prompt_token_ids": ids, "logprobs": 2, "stop": ["e"], "ignore_eos": False}]
+             {"prompt_token_ids": ids, "logprobs": 2, "stop": ["e"], "ignore_eos": False},
+             {"prompt": "Pick one:", "structured_outputs": {"choice": ["yes", "no"]}, "ignore_eos": False}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "results.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert main(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0", "--max-tokens", "7",
@@ -90,7 +91,8 @@ def test_jsonl_lines_carry_their_own_sampling_fields(llm, tmp_path):
               llm.default_sampling_params(temperature=0.9, n=2, seed=1, max_tokens=5, ignore_eos=True),
               llm.default_sampling_params(temperature=0, max_tokens=7, logprobs=2, stop=["e"])]
     expected = llm.generate(["The while loop", "Exceptions", {"prompt_token_ids": ids}], params, use_tqdm=False)
-    assert [(g["index"], g["sample"]) for g in got] == [(0, 0), (1, 0), (1, 1), (2, 0)]
+    assert [(g["index"], g["sample"]) for g in got] == [(0, 0), (1, 0), (1, 1), (2, 0), (3, 0)]
+    assert got[4]["text"] in ("yes", "no") and got.pop()["structured_outputs"] == {"choice": ["yes", "no"]}
     assert [g["token_ids"] for g in got] == [o.token_ids for e in expected for o in e.outputs]
     assert [len(g["token_ids"]) for g in got[:3]] == [3, 5, 5] and got[1]["text"] != got[2]["text"]
     assert "e" not in got[3]["text"] and got[3]["finish_reason"] in ("stop", "length")
@@ -134,6 +136,8 @@ def test_command_line_prompts_with_n_samples(capsys):
     ('{"prompt": "a"}\n{"prompt": "b", "temperature": -1}\n', "in.jsonl:2: temperature must be >= 0"),
     ('{"prompt": "a", "max_tokens": "5"}\n', "in.jsonl:1: max_tokens must be None or an integer >= 1"),
     ('{"prompt": "a", "stop": ""}\n', "in.jsonl:1: stop strings must not be empty"),
+    ('{"prompt": "a", "structured_outputs": {"regex": "a", "choice": ["b"]}}\n',
+     "in.jsonl:1: structured_outputs takes"),
 ])
 def test_bad_jsonl_is_named_by_line_before_the_model_loads(tmp_path, capsys, monkeypatch, content, message):
     import tritium.generate

@@ -10,7 +10,7 @@ from typing import TextIO
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm import LLM
 from tritium.engine.outputs import CompletionOutput
-from tritium.engine.sampling_params import SamplingParams
+from tritium.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from tritium.models.config import ModelConfig
 
 DEFAULT_MAX_TOKENS = 64  # where neither the user nor the model's generation_config.json sets max_new_tokens
@@ -62,7 +62,11 @@ def _check_line(item: object, sampling: dict, token_ids_only: bool) -> dict:
 
 
 def line_sampling(item: dict) -> dict:
-    return {k: v for k, v in item.items() if k in SAMPLING_FIELDS}
+    """A line's SamplingParams fields; `structured_outputs` is an object of StructuredOutputsParams' fields."""
+    fields = {k: v for k, v in item.items() if k in SAMPLING_FIELDS}
+    if isinstance(fields.get("structured_outputs"), dict):
+        fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
+    return fields
 
 
 def run_generate(model: str | ModelConfig, config: EngineConfig, sampling: dict, prompts: list[str],
