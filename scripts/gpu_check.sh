@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh moe [ARGS...]         -> tritium tune --op moe, then tritium bench moe ARGS on its configs
 #                                                 (the tuned table lands in $OUT/cache/moe_configs.json)
 #   scripts/gpu_check.sh serve [ARGS...]       -> tritium serve (8B shape) + tritium bench serve ARGS, burst then
-#                                                 Poisson at 4 req/s
+#                                                 Poisson at 4 req/s; /metrics saved after them
 #   scripts/gpu_check.sh structured [ARGS...]  -> scripts/bench_structured_step.py --model-config llama-3.1-8b ARGS
 #                                                 (a structured and a penalized decode step at batch 64 against a free
 #                                                 one; --tokenizer DIR for Llama 3.1's own, else a synthetic BPE)
@@ -36,7 +36,8 @@ case $what in
     # The server tests hold no GPU test but import openai/schemathesis/uvicorn/pydantic; leave them out where missing.
     skip=()
     python3 -c "import openai, schemathesis, uvicorn, pydantic" 2> /dev/null || skip=("--ignore-glob=tests/test_server*.py"
-      --ignore=tests/bench/test_serve_bench.py --ignore=tests/engine/test_generation_defaults.py)
+      --ignore=tests/bench/test_serve_bench.py --ignore=tests/engine/test_generation_defaults.py
+      --ignore=tests/test_metrics.py --ignore=tests/test_docs.py)
     python3 -m pytest -m gpu -q -p no:cacheprovider "${skip[@]}" "$@" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   bench) python3 -m tritium.cli bench kernels --out "$OUT" "$@" 2>&1 | grep -v "scenarios:" | tee -a "$OUT/bench.log" ;;
   moe)
@@ -58,6 +59,8 @@ case $what in
       python3 -m tritium.cli bench serve --url http://127.0.0.1:8011 --request-rate $rate --out "$OUT" "$@" 2>&1 \
         | tr '\r' '\n' | grep -v "/s\]$" | tee -a "$OUT/serve_bench.log"
     done
+    python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
+      > "$OUT/metrics.txt"  # vLLM-named series after the runs (docs/metrics.md)
     kill -TERM $server; wait $server ;;
   structured)
     python3 scripts/bench_structured_step.py --model-config llama-3.1-8b --out "$OUT/structured_step.json" "$@" 2>&1 \

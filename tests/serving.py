@@ -9,16 +9,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
+from tritium import default_model_path
 from tritium.engine.config import EngineConfig
-from tritium.generate import default_model_dir
 from tritium.server.async_engine import AsyncEngine
 from tritium.server.config import ServerConfig
 from tritium.server.serve import make_server
 
-MODEL = default_model_dir().name
+MODEL = Path(default_model_path()).name
 
 
 def free_port() -> int:
@@ -34,7 +35,7 @@ def running_server(api_key: str | None = None, model=None, name: str | None = No
     serve` is on SIGTERM."""
     port = free_port()
     config = ServerConfig(host="127.0.0.1", port=port, api_key=api_key, **(server or {}))
-    uv = make_server(model or str(default_model_dir()), config, EngineConfig.from_options(**engine_options), name)
+    uv = make_server(model or default_model_path(), config, EngineConfig.from_options(**engine_options), name)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,13 +1,12 @@
 """LLMEngine.abort: a request's waiting or running sequences leave the scheduler and their pages go back at once."""
 
-from tritium import SamplingParams
+from tritium import SamplingParams, default_model_path
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
-from tritium.generate import default_model_dir
 
 
 def test_abort_frees_running_and_waiting_sequences():
-    engine = LLMEngine(str(default_model_dir()), EngineConfig(max_num_seqs=2, max_model_len=256))
+    engine = LLMEngine(default_model_path(), EngineConfig(max_num_seqs=2, max_model_len=256))
     idle = engine.pages.num_free
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, n=2)
     prompt = engine.tokenizer.encode("The for statement " * 5)

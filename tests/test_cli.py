@@ -1,14 +1,21 @@
-"""The `tritium` command (tritium/cli.py) on the CPU, and the bench report's table (tritium/bench/kernels.py)."""
+"""The `tritium` command (tritium/cli/) on the CPU: its options (vLLM's names, help with defaults, what reaches
+EngineConfig), the bench commands, and the bench report's table (tritium/bench/kernels.py)."""
 
+import argparse
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
+from tritium import default_model_path
 from tritium.bench.kernels import format_table
 from tritium.bench.scenarios import load_scenarios
-from tritium.cli import main
+from tritium.cli import build_parser, main
+from tritium.engine.config import EngineConfig
+from tritium.models.config import ModelConfig
 
 NOTICE = "No CUDA device: running the shrunk suite through Triton's interpreter on the CPU."
 
@@ -169,3 +176,101 @@ def test_format_table_marks_nan_error():
     r["scenarios"][0]["rel_err"]["fa3"] = float("nan")
     rows = rows_by_name(format_table(r, bound=2e-2))
     assert rows["decode fast"][7] == "2.0000!", "a NaN relative error is not marked as a failed check"
+
+
+# --- the parser: vLLM's names, help with defaults, one set of model and engine options ---
+
+
+def parsers(parser=None, path="tritium"):
+    """(command path, parser) of every command and subcommand."""
+    parser = parser or build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from parsers(sub, f"{path} {name}")
+
+
+def options(parser) -> dict[str, argparse.Action]:
+    return {s: a for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")}
+
+
+def test_every_option_has_help_that_gives_its_default():
+    for path, parser in parsers():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = f"{path} {action.option_strings or action.metavar}"
+            if action.required and action.option_strings:  # (argparse calls a PROMPT... positional required too)
+                assert "required" in action.help, name
+                continue
+            assert action.help and "default" in action.help, f"{name}: the help gives no default"
+            shown = action.help % {"default": action.default}
+            if isinstance(action.default, (int, float, str, Path)) and not isinstance(action.default, bool):
+                assert str(action.default) in shown, f"{name}: help {shown!r} lacks {action.default}"
+            if isinstance(action.default, tuple):
+                assert " ".join(map(str, action.default)) in shown, name
+
+
+def test_generate_serve_and_bench_throughput_share_the_model_and_engine_options():
+    commands = dict(parsers())
+    engine = {s for s, a in options(commands["tritium serve"]).items() if a.container.title == "engine options"}
+    assert {"--dtype", "--max-model-len", "--block-size", "--max-num-batched-tokens", "--max-num-seqs",
+            "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching", "--enforce-eager",
+            "--seed"} <= engine
+    shared = engine | {"--model", "--revision", "--tokenizer", "--model-config"}
+    for command in ("generate", "serve", "bench throughput"):
+        assert shared <= set(options(commands[f"tritium {command}"])), command
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    for s in engine:  # each engine option lands in the EngineConfig field of its name
+        assert options(commands["tritium serve"])[s].dest in fields, s
+
+
+def serve_args(monkeypatch, argv: list[str]) -> dict:
+    """What `tritium serve ARGV` would start the server with (run_server is replaced)."""
+    import tritium.server.serve
+
+    seen = {}
+
+    def run_server(model, server, config, name):
+        seen.update(model=model, host=server.host, port=server.port, config=config, name=name)
+        return 0
+
+    monkeypatch.setattr(tritium.server.serve, "run_server", run_server)
+    assert main(["serve", *argv]) == 0
+    return seen
+
+
+def test_serve_takes_the_model_as_vllm_does(monkeypatch, capsys):
+    from tritium.server.serve import served_name
+
+    assert serve_args(monkeypatch, ["org/model"])["model"] == "org/model"
+    assert served_name("org/model") == "org/model" and served_name(default_model_path()) == "default_model"
+    got = serve_args(monkeypatch, ["--model", "org/model", "--served-model-name", "mine", "--revision", "v2"])
+    assert got["model"] == "org/model" and got["name"] == "mine" and got["config"].revision == "v2"
+    got = serve_args(monkeypatch, [])
+    assert got["model"] == default_model_path() and "demo model" in capsys.readouterr().err
+    shape = serve_args(monkeypatch, ["--model-config", "qwen3-0.6b"])
+    assert isinstance(shape["model"], ModelConfig) and shape["name"] == "qwen3-0.6b"
+    assert shape["config"].tokenizer == default_model_path()
+
+
+def test_vllm_engine_flags_reach_the_engine_config(monkeypatch):
+    default = serve_args(monkeypatch, ["m/x"])["config"]
+    assert default == EngineConfig()
+    config = serve_args(monkeypatch, ["m/x", "--no-enable-prefix-caching", "--enforce-eager", "--seed", "3",
+                                      "--block-size", "32", "--max-model-len", "512", "--dtype", "float16",
+                                      "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+                                      "--gpu-memory-utilization", "0.5", "--tokenizer", "t/k"])["config"]
+    assert config == EngineConfig(enable_prefix_caching=False, enforce_eager=True, seed=3, block_size=32,
+                                  max_model_len=512, dtype="float16", max_num_seqs=8, max_num_batched_tokens=64,
+                                  gpu_memory_utilization=0.5, tokenizer="t/k")
+    assert serve_args(monkeypatch, ["m/x", "--enable-prefix-caching"])["config"].enable_prefix_caching
+
+
+@pytest.mark.parametrize("argv", [["serve", "--mod", "x"], ["serve", "--model-c", "qwen3-0.6b"],
+                                  ["generate", "--max-tok", "3", "hi"], ["serve", "--no-prefix-caching"]])
+def test_abbreviations_and_old_spellings_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

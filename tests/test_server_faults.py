@@ -12,9 +12,9 @@ import pytest
 import tritium.engine.llm_engine as llm_engine
 import tritium.engine.model_runner as model_runner
 from tests.serving import MODEL, running_server, serve_process
+from tritium import default_model_path
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
-from tritium.generate import default_model_dir
 from tritium.server.app import build_app
 from tritium.server.async_engine import AsyncEngine
 from tritium.server.metrics import ServerMetrics
@@ -74,10 +74,10 @@ def test_a_request_that_fails_in_the_step_fails_alone(served, where, monkeypatch
     else:
         record = llm_engine.record_token
 
-        def record_refusing_the_marked(seq, token, logprobs, eos_ids):
+        def record_refusing_the_marked(seq, token, logprobs, rank, eos_ids):
             if seq.params.seed == MARK and len(seq.output_ids) == 2:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-            return record(seq, token, logprobs, eos_ids)
+            return record(seq, token, logprobs, rank, eos_ids)
 
         monkeypatch.setattr(llm_engine, "record_token", record_refusing_the_marked)
     innocents, stream, whole = asyncio.run(_with_marked(url))
@@ -101,10 +101,10 @@ _step = model_runner.ModelRunner.step
 def test_an_engine_fault_answers_503_fails_requests_in_flight_and_refuses_new_ones(monkeypatch):
     """Through the app (no listener, so /health can be read after the death at leisure)."""
     monkeypatch.setattr(model_runner.ModelRunner, "step", _die_on_the_marked)
-    engine = AsyncEngine(LLMEngine(str(default_model_dir()), EngineConfig(max_model_len=128)), ServerMetrics())
+    engine = AsyncEngine(LLMEngine(default_model_path(), EngineConfig(max_model_len=128)), ServerMetrics(MODEL))
     died = []
     engine.on_dead = died.append
-    app = build_app(engine, ServerMetrics(), MODEL)
+    app = build_app(engine, ServerMetrics(MODEL), MODEL)
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://app", timeout=120) as c:

@@ -10,8 +10,7 @@ import openai
 import pytest
 
 from tests.serving import MODEL, running_server
-from tritium import LLM, SamplingParams
-from tritium.generate import default_model_dir
+from tritium import LLM, SamplingParams, default_model_path
 
 MAX_MODEL_LEN = 256
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -37,7 +36,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline():
-    return LLM(str(default_model_dir()), max_model_len=MAX_MODEL_LEN)
+    return LLM(default_model_path(), max_model_len=MAX_MODEL_LEN)
 
 
 def complete(server, **body) -> dict:
@@ -73,8 +72,8 @@ def test_echo_and_prompt_logprobs(server, offline):
     prompt = choice["prompt_logprobs"]
     assert prompt[0] is None and len(prompt) == len(ids)
     for token, entry, want in zip(ids[1:], prompt[1:], expected[1:]):
-        assert entry[str(token)]["logprob"] == pytest.approx(want[token][0], abs=1e-4)
-        assert entry[str(token)]["rank"] == want[token][1] and "decoded_token" in entry[str(token)]
+        assert entry[str(token)]["logprob"] == pytest.approx(want[token].logprob, abs=1e-4)
+        assert entry[str(token)]["rank"] == want[token].rank and "decoded_token" in entry[str(token)]
         assert lps["token_logprobs"][ids.index(token, 1)] is not None
     streamed = httpx.post(server[0] + "/v1/completions", json={"prompt": "The for statement", "max_tokens": 3,
                                                                "temperature": 0, "echo": True, "stream": True})

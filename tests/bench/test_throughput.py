@@ -97,7 +97,7 @@ def test_hf_state_dict_is_transformers_state_dict(family, tmp_path):
 
 @cpu_only
 @pytest.mark.parametrize(("args", "message"), [
-    ([], "give one of --model-config NAME or --model DIR"),
+    ([], "give one of --model-config NAME or --model MODEL"),
     (["--model-config", "llama-3.1-8b", "--model", "x"], "give one of"),
     (["--model-config", "gpt-5"], "unknown --model-config 'gpt-5'"),
     (["--model-config", "qwen3-0.6b", "--input-len", "9", "3"], "--input-len needs 1 <= MIN <= MAX"),

@@ -6,11 +6,10 @@ import torch
 
 import tritium.engine.llm_engine as llm_engine
 import tritium.engine.model_runner as model_runner
-from tritium import LLM, SamplingParams
+from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import EngineDeadError, RequestFailed
 from tritium.engine.llm_engine import LLMEngine
-from tritium.generate import default_model_dir
 
 INNOCENT = [("The for statement", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
             ("A while loop", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)),
@@ -21,7 +20,7 @@ MARKED = SamplingParams(temperature=0.8, seed=4242, max_tokens=8, ignore_eos=Tru
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine(str(default_model_dir()), EngineConfig(max_model_len=128))
+    return LLMEngine(default_model_path(), EngineConfig(max_model_len=128))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_a_set_up_that_fails_refuses_its_request_and_queues_nothing(engine, alon
                                    torch.OutOfMemoryError("CUDA out of memory"), EngineDeadError("rank 1 died"),
                                    ValueError("every request fails, even alone")])
 def test_an_engine_fault_marks_the_engine_dead_and_fails_every_request(fault, monkeypatch):
-    engine = LLMEngine(str(default_model_dir()), EngineConfig(max_model_len=128))
+    engine = LLMEngine(default_model_path(), EngineConfig(max_model_len=128))
     seqs = [s for i, (text, params) in enumerate(INNOCENT)
             for s in engine.add_request(engine.tokenizer.encode(text), params, f"r{i}")]
     engine.step()
@@ -121,13 +120,13 @@ def test_an_engine_fault_marks_the_engine_dead_and_fails_every_request(fault, mo
 
 
 def test_llm_generate_reports_a_failed_request_and_returns_the_others(monkeypatch):
-    llm = LLM(str(default_model_dir()), max_model_len=128)
+    llm = LLM(default_model_path(), max_model_len=128)
     record = llm_engine.record_token
 
-    def record_refusing_the_marked(seq, token, logprobs, eos_ids):
+    def record_refusing_the_marked(seq, token, logprobs, rank, eos_ids):
         if seq.params.seed == MARKED.seed:
             raise RuntimeError("injected")
-        return record(seq, token, logprobs, eos_ids)
+        return record(seq, token, logprobs, rank, eos_ids)
 
     monkeypatch.setattr(llm_engine, "record_token", record_refusing_the_marked)
     outs = llm.generate(["The for statement", "def f(x):"], [INNOCENT[0][1], MARKED], use_tqdm=False)

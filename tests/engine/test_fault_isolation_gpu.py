@@ -18,9 +18,9 @@ DEVICE_FAULT = textwrap.dedent("""
     from tritium.engine.config import EngineConfig
     from tritium.engine.errors import EngineDeadError
     from tritium.engine.llm_engine import LLMEngine
-    from tritium.generate import default_model_dir
+    from tritium import default_model_path
 
-    engine = LLMEngine(str(default_model_dir()), EngineConfig(max_model_len=256, max_num_seqs=8))
+    engine = LLMEngine(default_model_path(), EngineConfig(max_model_len=256, max_num_seqs=8))
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     seqs = [s for i in range(3) for s in engine.add_request([1, 2, 3 + i], params, str(i))]
     engine.step()
@@ -45,13 +45,12 @@ def test_a_device_fault_marks_the_engine_dead():
 
 def test_a_request_failing_in_the_batched_step_fails_alone_on_the_gpu(monkeypatch):
     import tritium.engine.model_runner as model_runner
-    from tritium import SamplingParams
+    from tritium import SamplingParams, default_model_path
     from tritium.engine.config import EngineConfig
     from tritium.engine.llm_engine import LLMEngine
-    from tritium.generate import default_model_dir
 
     # float32: greedy tokens that do not hang on how the batch was split
-    engine = LLMEngine(str(default_model_dir()), EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=8))
+    engine = LLMEngine(default_model_path(), EngineConfig(dtype="float32", max_model_len=256, max_num_seqs=8))
     assert engine.runner.graphs is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [[1, 2, 3 + i] for i in range(4)]

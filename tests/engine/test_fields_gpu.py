@@ -10,11 +10,10 @@ import torch
 
 from tests.engine.test_logits_processors import reference
 from tests.engine.test_structured import SCHEMAS
-from tritium import LLM, SamplingParams
+from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.logits_processors import LogitsProcessors
 from tritium.engine.sampling_params import StructuredOutputsParams
 from tritium.engine.sequence import Sequence
-from tritium.generate import default_model_dir
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
@@ -39,7 +38,7 @@ def test_device_counts_equal_the_formulas():
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 def test_structured_and_penalized_rows_on_the_gpu(eager):
-    llm = LLM(str(default_model_dir()), enforce_eager=eager, gpu_memory_utilization=0.3, dtype="float32")
+    llm = LLM(default_model_path(), enforce_eager=eager, gpu_memory_utilization=0.3, dtype="float32")
     assert (llm.engine.runner.graphs is None) == eager
     params = [SamplingParams(n=20, seed=i, temperature=1.0, max_tokens=48,
                              structured_outputs=StructuredOutputsParams(json=s)) for i, s in enumerate(SCHEMAS)]
@@ -51,7 +50,7 @@ def test_structured_and_penalized_rows_on_the_gpu(eager):
                                repetition_penalty=1.2, ignore_eos=True)
     texts = [o.outputs[0].text for o in llm.generate(["The for statement", "A class"] * 8, penalized,
                                                      use_tqdm=False)]
-    cpu = LLM(str(default_model_dir()), device="cpu")
+    cpu = LLM(default_model_path(), device="cpu")
     expected = [o.outputs[0].text for o in cpu.generate(["The for statement", "A class"] * 8, penalized,
                                                         use_tqdm=False)]
     same = sum(a == b for a, b in zip(texts, expected))

@@ -163,9 +163,9 @@ def test_prompt_logprobs_equal_transformers(text_model, options):
         assert request.prompt_logprobs[0] is None and len(request.prompt_logprobs) == len(ids)
         for token, entry, row in zip(ids[1:], request.prompt_logprobs[1:], expected):
             top = row.topk(3)
-            assert list(entry)[:3] == top.indices.tolist() and [r for _, r in list(entry.values())[:3]] == [1, 2, 3]
-            logprob, rank = entry[token]
-            assert logprob == pytest.approx(float(row[token]), abs=1e-4)
-            assert rank == int((row > row[token]).sum()) + 1
-        assert [e and {t: round(v, 4) for t, (v, _) in e.items()} for e in repeat.prompt_logprobs] == \
-               [e and {t: round(v, 4) for t, (v, _) in e.items()} for e in request.prompt_logprobs]
+            assert list(entry)[:3] == top.indices.tolist() and [lp.rank for lp in list(entry.values())[:3]] == [1, 2, 3]
+            assert entry[token].logprob == pytest.approx(float(row[token]), abs=1e-4)  # vLLM's Logprob objects
+            assert entry[token].rank == int((row > row[token]).sum()) + 1
+            assert entry[token].decoded_token == llm.engine.tokenizer.decode([token], skip_special_tokens=False)
+        assert [e and {t: round(v.logprob, 4) for t, v in e.items()} for e in repeat.prompt_logprobs] == \
+               [e and {t: round(v.logprob, 4) for t, v in e.items()} for e in request.prompt_logprobs]

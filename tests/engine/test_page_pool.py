@@ -3,10 +3,9 @@ pages only, and generation with hits equals generation without them."""
 
 import pytest
 
-from tritium import LLM, SamplingParams
+from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.page_pool import PagePool
 from tritium.engine.sequence import Sequence
-from tritium.generate import default_model_dir
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -28,7 +27,7 @@ def test_prefix_hits_are_whole_shared_pages(page_size):
 def test_generation_at_page_64_equals_it_without_prefix_caching():
     """Greedy tokens of prompts sharing more than a page of prefix are the same with the cache's hits (page 64) as
     without prefix caching, and the hits happen."""
-    model = str(default_model_dir())
+    model = default_model_path()
     prefix = "The for statement is used to iterate over the elements of a sequence (such as a string, tuple or " \
              "list) or other iterable object. " * 3
     prompts = [prefix + end for end in ("It runs", "The else clause", "A break statement")]

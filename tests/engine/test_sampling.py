@@ -10,19 +10,26 @@ from tritium.engine.sampler import sample
 PROMPTS = ["The cat sat on the", "Hello, world! 42"]
 
 
+def test_vllm_conventions_for_all_tokens_and_no_max_tokens():
+    """top_k -1 (or 0) keeps every token; max_tokens None runs up to the context; -2 is refused, naming top_k."""
+    assert SamplingParams(top_k=-1).top_k == 0 and SamplingParams(max_tokens=None).max_tokens is None
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-2)
+
+
 def test_sampler_rows_independent_of_batch(gen):
     """Greedy rows take the argmax; a seeded row draws the same token alone as in any batch."""
     logits = torch.randn(6, 50, generator=gen)
     params = [SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(seed=2, top_k=5),
               SamplingParams(), SamplingParams(seed=3, top_p=0.5, temperature=0.7), SamplingParams(seed=4, min_p=0.2)]
     gens = lambda: [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]  # noqa: E731
-    tokens, logprobs = sample(logits, params, gens()).result()
+    tokens, logprobs, _ = sample(logits, params, gens()).result()
     assert tokens[0] == int(logits[0].argmax()) and logprobs == [None] * 6
     for row, p in enumerate(params):
         if p.seed is not None:
-            alone, _ = sample(logits[row:row + 1], [p], [torch.Generator().manual_seed(p.seed)]).result()
+            alone, _, _ = sample(logits[row:row + 1], [p], [torch.Generator().manual_seed(p.seed)]).result()
             assert alone == [tokens[row]]
-    again, _ = sample(logits, params, gens()).result()
+    again, _, _ = sample(logits, params, gens()).result()
     assert [t for t, p in zip(again, params) if p.seed is not None] == [t for t, p in zip(tokens, params) if p.seed]
 
 
@@ -38,7 +45,7 @@ def test_sampler_frequencies(gen):
         assert kept < 8 or p.top_p == 1
         expected = torch.zeros(8)
         expected[order[:kept]] = ranked[:kept] / ranked[:kept].sum()
-        tokens, _ = sample(logits.expand(draws, -1).clone(), [p] * draws, [None] * draws).result()
+        tokens, _, _ = sample(logits.expand(draws, -1).clone(), [p] * draws, [None] * draws).result()
         freq = torch.bincount(torch.tensor(tokens), minlength=8) / draws
         assert (freq - expected).abs().max() < 0.015, (p, freq, expected)
 
@@ -69,11 +76,20 @@ def test_logprobs_match_transformers(text_model, llm, params):
             for token, entry, row in zip(out.token_ids, out.logprobs, expected):
                 top = row.topk(params.logprobs)
                 assert list(entry)[:params.logprobs] == top.indices.tolist()
-                values = list(entry.values())
+                values = [lp.logprob for lp in entry.values()]
                 assert values == sorted(values, reverse=True)
                 assert torch.allclose(torch.tensor(values), row[list(entry)], atol=1e-4)
                 assert len(entry) == params.logprobs + (token not in top.indices.tolist())
                 outside_top_k += token not in top.indices.tolist()
+                # vLLM's Logprob: rank 1..k for the top k; the chosen token's own rank in the vocabulary otherwise.
+                ranks = [lp.rank for lp in entry.values()]
+                assert ranks[:params.logprobs] == list(range(1, params.logprobs + 1))
+                if token not in top.indices.tolist():
+                    # 1 + the tokens more likely than it, give or take rounding
+                    least, most = (int((row > row[token] + margin).sum()) + 1 for margin in (1e-4, -1e-4))
+                    assert least <= ranks[-1] <= most and ranks[-1] > params.logprobs
+                assert [lp.decoded_token for lp in entry.values()] == [
+                    llm.engine.tokenizer.decode([t], skip_special_tokens=False) for t in entry]
             chosen = expected.gather(1, torch.tensor(out.token_ids)[:, None]).sum()
             assert out.cumulative_logprob == pytest.approx(float(chosen), abs=1e-4)
     assert outside_top_k > 0 or params.greedy  # sampling did reach past the top k: that case was checked too

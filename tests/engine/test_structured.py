@@ -9,9 +9,8 @@ import time
 import jsonschema
 import pytest
 
-from tritium import LLM, SamplingParams
+from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.sampling_params import StructuredOutputsParams
-from tritium.generate import default_model_dir
 
 # Short outputs with bounded fields: a 7M-parameter model may never close an unbounded string or number, and an
 # output cut by max_tokens cannot parse, whatever the grammar did.
@@ -42,7 +41,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def demo():
-    return LLM(str(default_model_dir()))
+    return LLM(default_model_path())
 
 
 def test_200_sampled_outputs_all_validate(demo):
@@ -86,7 +85,7 @@ def test_grammar_survives_preemption_and_mixed_batches():
     prompts = ["The for statement", "A class definition", "The while loop"]
     results = []
     for pages in (None, 8):
-        llm = LLM(str(default_model_dir()), block_size=4, num_kv_pages=pages, max_model_len=32)
+        llm = LLM(default_model_path(), block_size=4, num_kv_pages=pages, max_model_len=32)
         results.append([r.outputs[0].text for r in llm.generate(prompts, params, use_tqdm=False)])
         if pages:
             assert llm.engine.scheduler.num_preemptions > 0

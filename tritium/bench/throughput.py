@@ -30,6 +30,7 @@ from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
 from tritium.models.shapes import MODEL_SHAPES, shape_config
+from tritium.models.source import resolve_model
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,19 @@ def run_throughput_bench(
     if not torch.cuda.is_available():
         raise RuntimeError("tritium bench throughput needs a GPU (the CPU path exists for correctness, not speed)")
     device = torch.device("cuda")
-    source: str | ModelConfig = model
+    config = config or EngineConfig()
+    source: Path | ModelConfig
     if model in MODEL_SHAPES:
         raw_config = {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
         source = shape_config(model)
     else:
-        raw_config = json.loads((Path(model) / "config.json").read_text())
+        source = resolve_model(model, config.revision)
+        raw_config = json.loads((source / "config.json").read_text())
     if single:
         workload = Workload(1, workload.input_len, workload.output_len, workload.seed)
     env = describe_environment(device)
     ceilings = measure_ceilings(device)
-    config = dataclasses.replace(config or EngineConfig(), skip_tokenizer_init=True)
+    config = dataclasses.replace(config, skip_tokenizer_init=True)
     engine = LLMEngine(source, config)
     cfg = engine.model.config
     requests = workload.requests(cfg.vocab_size)

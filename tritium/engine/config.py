@@ -25,8 +25,11 @@ class EngineConfig:
         (within 90 s; cached, so once per device and shape); TRITIUM_AUTO_TUNE=0 turns it off too.
     attention_backend: "triton" (the unified kernel) or "reference" (PyTorch); default triton on a GPU, reference
         on the CPU.
-    tokenizer: a folder to take the tokenizer from (default: the model's); skip_tokenizer_init: load none (prompts
-        and outputs are token ids).
+    tokenizer: a folder or Hugging Face Hub id to take the tokenizer from (default: the model's); skip_tokenizer_init:
+        load none (prompts and outputs are token ids).
+    revision: the Hub revision (branch, tag or commit) of a model given by its Hub id.
+    seed: seeds the random draws of requests that carry no seed of their own, so a run repeats (default: none, each
+        run differs).
     """
 
     dtype: str = "auto"
@@ -43,6 +46,8 @@ class EngineConfig:
     attention_backend: str | None = None
     tokenizer: str | None = None
     skip_tokenizer_init: bool = False
+    revision: str | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 is as good as "bfloat16"
@@ -62,7 +67,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         if self.attention_backend not in (None, *BACKENDS):
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
-        for name in ("device", "tokenizer"):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("device", "tokenizer", "revision"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))

@@ -4,7 +4,7 @@ one `RequestOutput` per prompt out, in order, holding its n samples."""
 import dataclasses
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -12,51 +12,28 @@ from tritium.engine.bounds import check_unicode
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import RequestFailed
 from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.outputs import RequestOutput, completion_output, prompt_logprobs
 from tritium.engine.sampling_params import SamplingParams
-from tritium.engine.sequence import Sequence
 from tritium.engine.tokenizer import Tokenizer
 
 Prompt = str | dict  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
 
-@dataclass
-class CompletionOutput:
-    """One sample: its text ("" without a tokenizer), token ids, and logprobs when they were asked for. A request
-    that failed inside the engine (the others went on) has finish_reason "error" and says why in `error`."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None  # per generated token: {token id: logprob}, most likely first
-    finish_reason: str | None  # "stop", "length" or "error"
-    stop_reason: int | str | None = None  # the stop token id or stop string; None for end-of-sequence or length
-    error: str | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None  # the text prompt when one was given (for chat, the rendered conversation)
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)  # the samples, in index order
-    # With SamplingParams.prompt_logprobs: per prompt token {token id: (logprob, rank)} of the top k and of the
-    # token itself; None for the first token.
-    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
-
-
 class LLM:
-    """LLM(model_dir, **options): the options are `EngineConfig`'s fields (dtype, block_size, max_model_len,
+    """LLM(model, **options): `model` is a Hugging Face model folder or Hub id (default: the demo model that ships
+    with Tritium); the options are `EngineConfig`'s fields (dtype, block_size, max_model_len, seed, revision,
     max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_pages, gpu_memory_utilization,
     enforce_eager, tokenizer, skip_tokenizer_init ...), as vLLM's LLM takes them. With skip_tokenizer_init=True
     prompts are token ids and outputs carry no text."""
 
-    def __init__(self, model: str, **options) -> None:
-        self.engine = LLMEngine(model, EngineConfig.from_options(**options))
+    def __init__(self, model: str | Path | None = None, **options) -> None:
+        from tritium import default_model_path
+
+        self.engine = LLMEngine(default_model_path() if model is None else model, EngineConfig.from_options(**options))
         self._request_ids = itertools.count()
 
     @classmethod
-    def from_config(cls, model: str, config: EngineConfig) -> "LLM":
+    def from_config(cls, model: str | Path | None, config: EngineConfig) -> "LLM":
         """An LLM over an EngineConfig made elsewhere (the CLI builds one from its options)."""
         return cls(model, **dataclasses.asdict(config))
 
@@ -156,15 +133,7 @@ class LLM:
             while self.engine.has_unfinished():
                 bar.update(len(self.engine.step()))
         for out, seqs in queued:
-            out.outputs = [_completion(s) for s in seqs]
+            out.outputs = [completion_output(s, self.engine.tokenizer) for s in seqs]
             if seqs[0].params.prompt_logprobs is not None:
-                out.prompt_logprobs = seqs[0].prompt_logprobs
+                out.prompt_logprobs = prompt_logprobs(seqs[0], self.engine.tokenizer)
         return [out for out, _ in queued]
-
-
-def _completion(seq: Sequence) -> CompletionOutput:
-    asked = seq.params.logprobs is not None
-    return CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids),
-                            cumulative_logprob=seq.cumulative_logprob if asked else None,
-                            logprobs=seq.logprobs if asked else None, finish_reason=seq.finish_reason,
-                            stop_reason=seq.stop_reason, error=seq.error)

@@ -5,6 +5,7 @@ Faults are sorted by whose they are. What raises while handling one request (its
 checks, or a batched step that fails only while it is in the batch) ends that request alone, with finish_reason
 "error"; an engine fault (the device's, a dead rank's) marks the engine dead and fails every request."""
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import EngineDeadError, InvalidParameter, RequestFailed, is_engine_fault
 from tritium.engine.model_runner import ModelRunner
-from tritium.engine.outputs import record_token
 from tritium.engine.page_pool import PagePool
+from tritium.engine.record import record_token
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence, Status
@@ -25,6 +26,7 @@ from tritium.engine.structured import Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
+from tritium.models.source import resolve_folder, resolve_model
 from tritium.ops.attention.configs import table_choice
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,16 @@ class LLMEngine:
     def __init__(self, model: str | Path | ModelConfig, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         self.config = config
+        if not isinstance(model, ModelConfig):
+            model = resolve_model(model, config.revision)
+            ModelConfig.load(model)  # config.json and its architecture checked before anything is read
         tokenizer = config.tokenizer
         if tokenizer is None and not isinstance(model, ModelConfig):
             tokenizer = model
         if tokenizer is None and not config.skip_tokenizer_init:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
-        # The tokenizer first: a missing file fails fast.
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(tokenizer)
+        # The tokenizer before the weights: a missing file fails fast.
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(resolve_folder(tokenizer))
         device = config.torch_device()
         dtype = config.torch_dtype(device)
         if isinstance(model, ModelConfig):
@@ -85,6 +90,8 @@ class LLMEngine:
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.last_step = StepStats(0, 0, 0)
         self.dead: EngineDeadError | None = None  # set by an engine fault: nothing more is served
+        if config.seed is not None:  # last: building the model draws from torch's generator too
+            torch.manual_seed(config.seed)  # requests without a seed of their own draw from it
 
     def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
         """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
@@ -104,6 +111,8 @@ class LLMEngine:
         if self.dead is not None:
             raise self.dead
         self.check_request(prompt_ids, params)
+        if params.max_tokens is None:  # up to the context, as vLLM
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
         seqs = [Sequence(list(prompt_ids), params, request_id, index=k) for k in range(params.n)]
         try:
             for seq in seqs:
@@ -135,9 +144,16 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if not all(type(t) is int and 0 <= t < vocab for t in prompt_ids):
             raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is None and room < 1:
+            raise InvalidParameter("prompt", f"prompt ({len(prompt_ids)} tokens) leaves no room to generate within "
+                                   f"max_model_len ({self.max_model_len})")
+        if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidParameter("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens "
                                    f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})")
+        if params.min_tokens > room:
+            raise InvalidParameter("min_tokens", f"prompt ({len(prompt_ids)} tokens) + min_tokens "
+                                   f"({params.min_tokens}) exceeds max_model_len ({self.max_model_len})")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:

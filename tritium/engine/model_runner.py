@@ -41,11 +41,11 @@ class Launched:
         launched = {seq.seq_id: pos for seq, pos in zip(self.seqs, self.positions, strict=True)}
         return all(n == 1 and launched.get(seq.seq_id) == seq.num_computed for seq, n in batch)
 
-    def results(self) -> dict[int, tuple[int, dict[int, float] | None]]:
+    def results(self) -> dict[int, tuple[int, dict[int, float] | None, int | None]]:
+        """(token, its logprobs, its rank) by seq_id, as `Sampled.result` gives them."""
         if self.sampled is None:  # nothing sampled: every sequence ran a prefill chunk that is not its last
             return {}
-        tokens, logprobs = self.sampled.result()
-        return {s.seq_id: (t, lp) for s, t, lp in zip(self.seqs, tokens, logprobs, strict=True)}
+        return {s.seq_id: (t, lp, r) for s, t, lp, r in zip(self.seqs, *self.sampled.result(), strict=True)}
 
 
 class ModelRunner:

@@ -1,48 +1,71 @@
-"""A sampled token into its sequence: the token and its logprobs, its text (detokenized incrementally), and the stop
-checks (the grammar's end, stop token ids, end of sequence, max_tokens, stop strings once min_tokens are out, the text
-cut before a stop string)."""
+"""What `LLM.generate` and `LLM.chat` return, in vLLM's shapes: one RequestOutput per prompt holding its n samples,
+and each sampled token's logprobs as Logprob objects."""
+
+from dataclasses import dataclass, field
 
 from tritium.engine.sequence import Sequence
+from tritium.engine.tokenizer import Tokenizer
 
 
-def record_token(seq: Sequence, token: int, logprobs: dict[int, float] | None, eos_ids: set[int]) -> str | None:
-    """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
-    p = seq.params
-    seq.output_ids.append(token)
-    if logprobs is not None:
-        seq.logprobs.append(logprobs)
-        seq.cumulative_logprob += logprobs[token]
-    reason = None
-    if seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated()):
-        # The grammar ended on an end-of-sequence token (even with ignore_eos: nothing may follow). A token it
-        # refuses cannot have been sampled under its mask; should one be, the output ends rather than break it.
-        reason = "stop"
-    elif token in p.stop_token_ids:
-        reason, seq.stop_reason = "stop", token
-    elif not p.ignore_eos and token in eos_ids:
-        reason = "stop"
-    elif len(seq.output_ids) >= p.max_tokens:
-        reason = "length"
-    if seq.detokenizer is None:
-        return reason
-    # A stop token's own text is left out, as a stop string's is.
-    text = seq.detokenizer.add(token) if reason != "stop" or p.include_stop_str_in_output else ""
-    if reason:
-        text += seq.detokenizer.flush()
-    start = len(seq.text)
-    seq.text += text
-    if len(seq.output_ids) < p.min_tokens:  # as vLLM: no stop string ends an output shorter than min_tokens
-        return reason
-    hit = _find_stop(seq.text, start, p.stop)
-    if hit is None:
-        return reason
-    at, stop = hit
-    seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
-    seq.stop_reason = stop
-    return "stop"
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the raw logits, its rank in the vocabulary (1: the most likely) and its text
+    (None without a tokenizer)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
-def _find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """The first stop string in `text` that ends in its new part `text[start:]`: (where it begins, which)."""
-    hits = [(at, s) for s in stops if (at := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits, key=lambda hit: (hit[0], len(hit[1]))) if hits else None
+@dataclass
+class CompletionOutput:
+    """One sample: its text ("" without a tokenizer), token ids, and logprobs when they were asked for. A request
+    that failed inside the engine (the others went on) has finish_reason "error" and says why in `error`."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None  # per generated token: {token id: Logprob}, most likely first
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string; None for end-of-sequence or length
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None  # the text prompt when one was given (for chat, the rendered conversation)
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)  # the samples, in index order
+    # With SamplingParams.prompt_logprobs k: per prompt token its Logprob and the top k's, None for the first token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+def completion_output(seq: Sequence, tokenizer: Tokenizer | None) -> CompletionOutput:
+    """A finished sequence as the CompletionOutput `LLM` returns."""
+    asked = seq.params.logprobs is not None
+    return CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids),
+                            cumulative_logprob=seq.cumulative_logprob if asked else None,
+                            logprobs=_logprobs(seq, tokenizer) if asked else None, finish_reason=seq.finish_reason,
+                            stop_reason=seq.stop_reason, error=seq.error)
+
+
+def prompt_logprobs(seq: Sequence, tokenizer: Tokenizer | None) -> list[dict[int, Logprob] | None]:
+    """A sequence's prompt logprobs ({token id: (logprob, rank)} per prompt token) as Logprob objects."""
+    decode = _decoder(tokenizer)
+    return [None if entry is None else {t: Logprob(v, rank, decode(t)) for t, (v, rank) in entry.items()}
+            for entry in seq.prompt_logprobs]
+
+
+def _decoder(tokenizer: Tokenizer | None):
+    return (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else (lambda t: None)
+
+
+def _logprobs(seq: Sequence, tokenizer: Tokenizer | None) -> list[dict[int, Logprob]]:
+    """Logprob objects of each position: the top k rank 1..k in order; the chosen token, where it is not among
+    them, carries its own rank in the vocabulary."""
+    decode = _decoder(tokenizer)
+    k = seq.params.logprobs
+    return [{t: Logprob(v, i + 1 if i < k else chosen_rank, decode(t)) for i, (t, v) in enumerate(entry.items())}
+            for entry, chosen_rank in zip(seq.logprobs, seq.sampled_ranks)]

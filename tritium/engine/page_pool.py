@@ -22,6 +22,8 @@ class PagePool:
         self.page_hash: list[int | None] = [None] * num_pages
         self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))  # oldest first
         self.cached: dict[int, int] = {}  # hash -> page holding those tokens
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache, and those found there (metrics)
+        self.hit_tokens = 0
 
     @property
     def num_pages(self) -> int:
@@ -74,6 +76,9 @@ class PagePool:
             self.ref_count[page] += 1
         seq.pages = hits + [self._take() for _ in range(fresh)]
         seq.num_computed = len(hits) * self.page_size
+        if self.prefix_caching:
+            self.queried_tokens += len(tokens)
+            self.hit_tokens += seq.num_computed
         seq.page_hashes = hashes[: len(hits)]
         return True
 

@@ -17,7 +17,9 @@ class Sampled:
         tensors = [tokens]
         if any(k is not None for k in ks):
             logprobs = torch.log_softmax(logits, dim=-1)
-            tensors += [logprobs.gather(1, tokens[:, None]).squeeze(1),
+            chosen = logprobs.gather(1, tokens[:, None])
+            # The chosen token's rank in the vocabulary (1: the most likely), as vLLM reports it.
+            tensors += [chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1,
                         *logprobs.topk(max(k or 0 for k in ks), dim=-1)]
         # A copy to the host with non_blocking lands in pinned memory and returns at once; the event says when.
         self._host = [t.to("cpu", non_blocking=True) for t in tensors]
@@ -26,15 +28,15 @@ class Sampled:
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def result(self) -> tuple[list[int], list[dict[int, float] | None]]:
+    def result(self) -> tuple[list[int], list[dict[int, float] | None], list[int | None]]:
         """(token of each row, {token id: logprob} of the top `k` tokens in descending order plus the chosen token,
-        last when it is not among them, for each row that asks)."""
+        last when it is not among them, for each row that asks, and the chosen token's rank in each such row)."""
         if self._ready is not None:
             self._ready.synchronize()
         token_list = self._host[0].tolist()
         if len(self._host) == 1:
-            return token_list, [None] * len(self.ks)
-        chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
+            return token_list, [None] * len(self.ks), [None] * len(self.ks)
+        chosen, ranks, top_values, top_ids = (t.tolist() for t in self._host[1:])
         out: list[dict[int, float] | None] = []
         for row, k in enumerate(self.ks):
             if k is None:
@@ -43,7 +45,7 @@ class Sampled:
             entry = dict(zip(top_ids[row][:k], top_values[row][:k]))
             entry.setdefault(token_list[row], chosen[row])
             out.append(entry)
-        return token_list, out
+        return token_list, out, [r if k is not None else None for r, k in zip(ranks, self.ks)]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -75,7 +75,7 @@ class SamplingParams:
 
     n: int = 1  # independent samples of each prompt
     temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: all tokens
+    top_k: int = 0  # 0 or -1: all tokens
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None  # sample k of a request draws from the stream seeded with seed + k
@@ -86,7 +86,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the context (max_model_len)
     min_tokens: int = 0  # end-of-sequence and stop_token_ids are blocked, stop strings unchecked, until then
     stop: str | list[str] | tuple[str, ...] | None = None  # kept as a tuple
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -97,9 +97,11 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # what the output must match
 
     def __post_init__(self) -> None:
+        if self.top_k == -1:  # vLLM's 'all tokens', as 0
+            object.__setattr__(self, "top_k", 0)
         for f in fields(self):
             object.__setattr__(self, f.name, BOUNDS[f.name].check(f.name, getattr(self, f.name)))
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             Int(0, self.max_tokens).check("min_tokens", self.min_tokens)  # raises, naming the bound
 
     @property
@@ -125,7 +127,7 @@ BOUNDS = {
     "frequency_penalty": Float(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
     "repetition_penalty": Float(0, MAX_REPETITION_PENALTY, lo_open=True),
     "logit_bias": TokenMap(INT32_MAX, Float(-MAX_ABS_BIAS, MAX_ABS_BIAS), MAX_LOGIT_BIAS),
-    "max_tokens": Int(1, INT32_MAX),
+    "max_tokens": Int(1, INT32_MAX, optional=True),
     "min_tokens": Int(0, INT32_MAX),
     "stop": Strings(MAX_STOPS, MAX_STOP_CHARS),
     "stop_token_ids": Ints(0, INT32_MAX, MAX_STOP_TOKEN_IDS),

@@ -35,6 +35,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # None without a tokenizer: no text
     text: str = ""
     logprobs: list[dict[int, float]] = field(default_factory=list)  # filled when params.logprobs is set
+    sampled_ranks: list[int] = field(default_factory=list)  # each chosen token's rank (1: most likely), likewise
     cumulative_logprob: float = 0.0
     # With params.prompt_logprobs: entry p for prompt token p, {token id: (logprob, rank)} of the top k and of the
     # token itself (None for the first), filled as prefill chunks run.

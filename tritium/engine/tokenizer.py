@@ -30,8 +30,9 @@ class Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"{path} is missing: Tritium reads the tokenizer from tokenizer.json. Pass "
-                             "skip_tokenizer_init=True to give prompts as token ids and get token ids back.")
+            raise ValueError(f"tokenizer missing: {model_dir} has no tokenizer.json (Tritium reads the fast "
+                             "tokenizer's file). Give another folder (--tokenizer, tokenizer=) or none "
+                             "(--skip-tokenizer-init, skip_tokenizer_init=True: token ids in and out)")
         self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
         config = _read_json(model_dir / "tokenizer_config.json")
         fallback = _read_json(model_dir / "special_tokens_map.json")

@@ -58,8 +58,8 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if family is None:
-            raise ValueError(f"unsupported architecture {archs or '(none given)'}; "
-                             f"supported: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"unsupported architecture {', '.join(archs) or '(none named)'} "
+                             f"(supported: {', '.join(ARCHITECTURES)})")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(raw.get(key), int) or raw[key] <= 0:
                 raise ValueError(f"config.json: {key} must be a positive integer, got {raw.get(key)!r}")

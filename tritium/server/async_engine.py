@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from tritium.engine.errors import EngineDeadError, InvalidParameter, RequestFailed
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.sampling_params import SamplingParams
-from tritium.engine.sequence import Sequence
-from tritium.server.metrics import ServerMetrics
+from tritium.engine.sequence import Sequence, Status
+from tritium.server.metrics import SeqTimes, ServerMetrics
 from tritium.server.stats import StatsLog, log_request
 
 logger = logging.getLogger("tritium.server")
@@ -53,7 +53,7 @@ class _Request:
     first_index: int  # prompt index * n
     seqs: list[Sequence] = field(default_factory=list)
     sent: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens already reported
-    last_token_at: dict[int, float] = field(default_factory=dict)
+    times: dict[int, SeqTimes] = field(default_factory=dict)  # seq_id -> its timestamps, for the metrics
     done: set[int] = field(default_factory=set)  # seq_ids whose end was reported
 
 
@@ -143,12 +143,13 @@ class AsyncEngine:
                 self._wake.wait(None if self._deadline is None else max(0.0, self._deadline - time.monotonic()))
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 self.engine.step()
             except Exception as exc:  # noqa: BLE001  the engine's own fault, or one it could not place: it is dead
                 self._die(exc)
                 continue
-            self._publish()
+            self._publish(started)
             self.stats.maybe_log()
         self._fail_all(ServerShuttingDown("the server shut down before the request finished"))
 
@@ -176,9 +177,9 @@ class AsyncEngine:
             else:
                 for request_id in command[1]:
                     self.engine.abort(request_id)
-                    if self._requests.pop(request_id, None) is not None:
-                        self.metrics.requests.labels("abort").inc()
-            self._gauges()
+                    if (req := self._requests.pop(request_id, None)) is not None:
+                        self._finish_unreported(req, "abort")
+            self.metrics.engine_state(self.engine, stepped=False)
 
     def _add(self, request_ids: list[str], prompts: list[list[int]], params: SamplingParams,
              reqs: list[_Request]) -> None:
@@ -197,24 +198,31 @@ class AsyncEngine:
             error = _in_prompt(exc, len(added)) if len(prompts) > 1 else exc
             reqs[0].loop.call_soon_threadsafe(reqs[0].updates.put_nowait, error)
             return
+        for req, prompt_ids in zip(reqs, prompts):
+            req.times = {seq.seq_id: SeqTimes(req.arrival, len(prompt_ids)) for seq in req.seqs}
         self._requests.update(zip(request_ids, reqs))
-        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         self.stats.prompt_tokens += sum(map(len, prompts))
 
-    def _publish(self) -> None:
+    def _publish(self, started: float) -> None:
+        """Send each request the progress of the step that began at `started`, and record it in the metrics."""
         now = time.perf_counter()
         for request_id, req in list(self._requests.items()):
             updates = []
             for seq in req.seqs:
+                times = req.times[seq.seq_id]
+                if times.scheduled is None and (seq.status is not Status.WAITING or seq.output_ids):
+                    times.scheduled = started
                 sent = req.sent.get(seq.seq_id, 0)
                 new = len(seq.output_ids) - sent
                 if seq.seq_id in req.done or (not new and seq.finish_reason is None):
                     continue
                 if new:
-                    self._time_tokens(req, seq.seq_id, now, new)
+                    self.metrics.tokens(times, now, new)
+                    self.stats.generation_tokens += new
                 req.sent[seq.seq_id] = len(seq.output_ids)
                 if seq.finish_reason is not None:
                     req.done.add(seq.seq_id)
+                    self.metrics.finish(times, seq.finish_reason, now, len(seq.output_ids), seq.params)
                 first = sent == 0 and seq.params.prompt_logprobs is not None
                 updates.append(SeqUpdate(req.first_index + seq.index, seq.text, seq.output_ids[sent:],
                                          seq.logprobs[sent:], seq.finish_reason,
@@ -223,34 +231,22 @@ class AsyncEngine:
                 req.loop.call_soon_threadsafe(req.updates.put_nowait, updates)
             if all(s.finish_reason is not None for s in req.seqs):
                 del self._requests[request_id]
-                failed = any(s.finish_reason == "error" for s in req.seqs)
-                self.metrics.requests.labels("error" if failed else req.seqs[0].finish_reason).inc()
-        self._gauges()
+        self.metrics.engine_state(self.engine, stepped=True)
 
-    def _time_tokens(self, req: _Request, seq_id: int, now: float, new: int) -> None:
-        self.metrics.generation_tokens.inc(new)
-        self.stats.generation_tokens += new
-        last = req.last_token_at.get(seq_id)
-        if last is None:
-            self.metrics.ttft.observe(now - req.arrival)
-        else:
-            self.metrics.tpot.observe((now - last) / new)
-        req.last_token_at[seq_id] = now
-
-    def _gauges(self) -> None:
-        sched = self.engine.scheduler
-        self.metrics.running.set(len({s.request_id for s in sched.running}))
-        self.metrics.waiting.set(len({s.request_id for s in sched.waiting} - {s.request_id for s in sched.running}))
-        pages = self.engine.pages
-        self.metrics.kv_usage.set(1 - pages.num_free / pages.num_pages)
+    def _finish_unreported(self, req: _Request, reason: str) -> None:
+        """Count the request's sequences whose end was not reported as ended for `reason` (abort, error)."""
+        now = time.perf_counter()
+        for seq in req.seqs:
+            if seq.seq_id not in req.done:
+                self.metrics.finish(req.times[seq.seq_id], reason, now, len(seq.output_ids), seq.params)
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id, req in self._requests.items():
             self.engine.abort(request_id)
-            self.metrics.requests.labels("error").inc()
+            self._finish_unreported(req, "error")
             req.loop.call_soon_threadsafe(req.updates.put_nowait, exc)
         self._requests.clear()
-        self._gauges()
+        self.metrics.engine_state(self.engine, stepped=False)
 
 
 def _in_prompt(exc: Exception, i: int) -> Exception:

@@ -26,11 +26,12 @@ logger = logging.getLogger("tritium.server")
 
 def make_server(model: str | ModelConfig, config: ServerConfig, engine_config: EngineConfig,
                 name: str | None = None) -> Server:
-    """A ready server (not yet running) for a model folder, served under its folder name, or for random weights in
-    a ModelConfig's shape, served under `name`."""
-    metrics = ServerMetrics()
+    """A ready server (not yet running) for a model folder or Hub id, served under `name` (default: the Hub id as
+    given, or the folder's name), or for random weights in a ModelConfig's shape, served under `name`."""
+    name = name or served_name(model)
+    metrics = ServerMetrics(name)
     engine = AsyncEngine(LLMEngine(model, engine_config), metrics, config.log_requests)
-    app = build_app(engine, metrics, name or Path(model).name, config.api_key, timeout_read=config.timeout_header)
+    app = build_app(engine, metrics, name, config.api_key, timeout_read=config.timeout_header)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", http=protocol_class(config),
                         timeout_keep_alive=config.timeout_keep_alive,
                         timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_MARGIN_SECONDS)
@@ -41,8 +42,8 @@ def run_server(model: str | ModelConfig, config: ServerConfig, engine_config: En
                name: str | None = None) -> int:
     """Serve until SIGTERM or SIGINT (returns 0) or the engine's death (returns 1)."""
     _allow_open_files(config.max_connections + FILES_BESIDES_CONNECTIONS)
+    name = name or served_name(model)
     server = make_server(model, config, engine_config, name)
-    name = name or Path(model).name
     if config.api_key is None:
         logger.warning("No --api-key: anyone who can reach %s:%d can use this server%s", config.host, config.port,
                        " (loopback only)." if config.host in ("127.0.0.1", "localhost", "::1") else ".")
@@ -63,3 +64,9 @@ def _allow_open_files(wanted: int) -> None:
     if target < wanted:
         logger.warning("the open-file limit (%d) is below --max-connections + %d: connections past it are refused "
                        "by the system", hard, FILES_BESIDES_CONNECTIONS)
+
+
+def served_name(model: str | Path) -> str:
+    """The name a model is served under when none is given: a folder's name, or a Hub id as given (vLLM's)."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else str(model)
