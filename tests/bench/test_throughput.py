@@ -6,10 +6,11 @@ import torch
 
 from tests.models.helpers import save_family
 from tritium.bench.hf_peer import hf_state_dict
-from tritium.bench.throughput import Workload, _warm_up, active_expert_share, result_name, weight_bytes
+from tritium.bench.throughput import Workload, _warm_up, active_expert_share, result_name
 from tritium.cli import main
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.model_runner import weight_bytes
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
@@ -58,9 +59,9 @@ def test_engine_on_random_weights_runs_and_counts_its_steps():
     assert (engine.last_step.num_seqs, engine.last_step.num_tokens, engine.last_step.context_tokens) == (2, 2, 9)
     while engine.has_unfinished():
         engine.step()
-    norms = [p for n, p in engine.model.named_parameters() if "norm" in n]
+    norms = [p for n, p in engine.runner.model.named_parameters() if "norm" in n]
     assert norms and all(bool((p == 1).all()) for p in norms)
-    assert 0.015 < engine.model.lm_head.weight.std().item() < 0.025
+    assert 0.015 < engine.runner.model.lm_head.weight.std().item() < 0.025
 
 
 def test_warm_up_meets_every_power_of_two_decode_batch():

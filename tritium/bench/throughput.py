@@ -73,11 +73,12 @@ def run_throughput_bench(
     ceilings = measure_ceilings(device)
     config = dataclasses.replace(config or EngineConfig(), skip_tokenizer_init=True)
     engine = LLMEngine(source, config)
-    cfg = engine.model.config
+    cfg = engine.model_config
     requests = workload.requests(cfg.vocab_size)
     _warm_up(engine, requests)
-    dense_bytes, expert_bytes = weight_bytes(engine.model)
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model.lm_head.weight.itemsize
+    sizes = engine.runner.sizes()  # a lookup reads a few embedding rows only: left out unless tied to the LM head
+    dense_bytes, expert_bytes = sizes["weight_bytes"], sizes["expert_bytes"]
+    kv_bytes_per_token = sizes["kv_bytes_per_token"]
 
     steps, start = [], time.perf_counter()
     for i, (ids, n_out) in enumerate(requests):
@@ -117,8 +118,8 @@ def run_throughput_bench(
     }
     hf_weights = None
     if hf_prompts and _has_transformers():  # kept on the host while the engine's KV pool is released
-        hf_weights = {k: v.detach().to("cpu") for k, v in hf_state_dict(engine.model).items()}
-    family, dtype = cfg.family, engine.model.lm_head.weight.dtype
+        hf_weights = {k: v.detach().to("cpu") for k, v in hf_state_dict(engine.runner.model).items()}
+    family, dtype = cfg.family, engine.runner.model.lm_head.weight.dtype
     del engine
     torch.cuda.empty_cache()
     report["transformers"] = None
@@ -133,20 +134,6 @@ def run_throughput_bench(
     plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
     print(f"wrote {out_dir / name}.json and .png")
     return report
-
-
-def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of the weights every decode step reads, bytes of the MoE experts'). The embedding counts only when
-    tied to the LM head (a lookup reads a few rows)."""
-    dense = experts = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name and not model.config.tie_word_embeddings:
-            continue
-        if ".experts." in name:
-            experts += p.numel() * p.element_size()
-        else:
-            dense += p.numel() * p.element_size()
-    return dense, experts
 
 
 def active_expert_share(config: ModelConfig, num_tokens: int) -> float:
@@ -181,7 +168,7 @@ def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
         if size >= min(len(requests), engine.scheduler.max_seqs):
             break
         size *= 2
-    if engine.model.lm_head.weight.is_cuda:
+    if engine.runner.model.lm_head.weight.is_cuda:
         torch.cuda.synchronize()
 
 

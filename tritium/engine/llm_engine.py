@@ -1,27 +1,21 @@
 """The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
-logprobs, stop conditions checked; finished sequences out."""
+logprobs, stop conditions checked; finished sequences out.
+
+The scheduler plans each step (engine/step_plan.py); the runner (a ModelRunner) runs the plan."""
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
-from tritium.engine.model_runner import ModelRunner
 from tritium.engine.page_pool import PagePool
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
-from tritium.engine.structured import Grammars
+from tritium.engine.structured import Bitmasks, Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from tritium.engine.worker import local_runner
 from tritium.models.config import ModelConfig
-from tritium.models.loader import load_model, random_model
-from tritium.ops.attention.configs import table_choice
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,48 +41,23 @@ class LLMEngine:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
         # The tokenizer first: a missing file fails fast.
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(tokenizer)
-        device = config.torch_device()
-        dtype = config.torch_dtype(device)
         if isinstance(model, ModelConfig):
-            self.model, self.eos_ids, self.sampling_defaults = random_model(model, dtype, device), set(), {}
+            self.model_config, self.eos_ids, self.sampling_defaults = model, set(), {}
         else:
+            self.model_config = ModelConfig.load(model)
             generation = _read_json(Path(model) / "generation_config.json")
-            self.model = load_model(model, dtype, device)
             self.eos_ids = _eos_ids(generation) | _eos_ids(_read_json(Path(model) / "config.json"))
             self.sampling_defaults = _sampling_defaults(generation, Path(model) / "generation_config.json")
-        cfg = self.model.config
+        cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        page_size = config.block_size
-        backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
-        if backend == "triton" and device.type == "cuda":  # before the page pool takes the free memory
-            self._tune_attention(device, dtype, page_size)
-        num_pages = config.num_kv_pages
-        if num_pages is None:
-            num_pages = _kv_pages(self.model, device, page_size, config.gpu_memory_utilization, self.max_model_len)
-        if num_pages * page_size < self.max_model_len:
-            raise ValueError(f"{num_pages} KV pages of {page_size} tokens cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len}")
-        self.pages = PagePool(num_pages, page_size, config.enable_prefix_caching)
+        self.runner = local_runner(model, config, self.max_model_len, self.eos_ids)
+        self.pages = PagePool(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_batched_tokens, config.max_num_seqs)
-        # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
-        graphs = not config.enforce_eager and device.type == "cuda" and backend == "triton"
-        self.runner = ModelRunner(self.model, num_pages, page_size, backend, graphs, config.max_num_seqs,
-                                  self.max_model_len, config.max_num_batched_tokens, self.eos_ids)
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
+        self.bitmasks = Bitmasks(cfg.vocab_size)
         self.last_step = StepStats(0, 0, 0)
-
-    def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
-        """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
-        say in the log which tuned table the kernel runs with."""
-        attn = self.model.model.layers[0].self_attn
-        shape = (self.config.max_num_batched_tokens, self.config.max_num_seqs, attn.num_heads, attn.num_kv_heads,
-                 attn.head_dim, page_size, self.max_model_len, attn.sliding_window)
-        if auto_tune_enabled(self.config.auto_tune):
-            auto_tune(device, dtype, *shape)
-        else:
-            log.info("attention configs: %s (auto-tune off)", table_choice(device).describe())
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
         """Queue a request as its `params.n` samples; a bad one raises ValueError here and leaves the others
@@ -112,7 +81,7 @@ class LLMEngine:
         """Raise ValueError naming what is wrong with a request, before it is queued."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -137,8 +106,7 @@ class LLMEngine:
         """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
         are free for others at once. Returns them; none when the request already finished."""
         dropped = self.scheduler.abort(request_id)
-        for seq in dropped:
-            self.runner.release(seq)
+        self.runner.release([seq.seq_id for seq in dropped])
         return dropped
 
     def has_unfinished(self) -> bool:
@@ -146,38 +114,26 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that finished in it."""
-        # Sequences that arrived while decodes were launched ahead join after those decodes, unless none is left.
-        batch = self.scheduler.schedule(admit=self.runner.ahead is None) or self.scheduler.schedule()
+        batch, plan = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
         self.last_step = StepStats(len(batch), sum(n for _, n in batch), sum(s.num_computed + n for s, n in batch))
-        sampled = self.runner.step(batch, self._ahead(batch))
+        if any(seq.grammar is not None for seq, _ in batch):  # the matchers have taken every token read back
+            plan.bitmask = self.bitmasks.fill([seq.grammar for seq, _ in batch])
+        out = self.runner.step(plan)
         finished = []
         for seq, n in batch:
             seq.num_computed += n
-            if seq.seq_id not in sampled:
+            seq.prompt_logprobs += out.prompt_logprobs.get(seq.seq_id, [])
+            if seq.seq_id not in out.sampled:
                 continue
-            reason = self._record(seq, *sampled[seq.seq_id])
+            reason = self._record(seq, *out.sampled[seq.seq_id])
             if reason:
                 self.scheduler.finish(seq, reason)
-                self.runner.release(seq)
                 finished.append(seq)
+        if finished:
+            self.runner.release([seq.seq_id for seq in finished])
         return finished
-
-    def _ahead(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """The sequences whose next decode can be launched before this step's tokens are read back: when nothing
-        waits to be admitted and every running sequence samples in this step, those that do not end on this
-        token by length; each is given the page for one more token. Empty when that is not the case."""
-        if self.scheduler.waiting or len(batch) != len(self.scheduler.running):
-            return []
-        if any(seq.num_computed + n != len(seq) for seq, n in batch):  # a prefill chunk runs on next step
-            return []
-        seqs = [seq for seq, _ in batch if len(seq.output_ids) + 1 < seq.params.max_tokens]
-        if sum(self.pages.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.pages.num_free:
-            return []
-        for seq in seqs:
-            self.pages.grow(seq, len(seq) + 1)
-        return seqs
 
     def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
         """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
@@ -247,13 +203,3 @@ def _sampling_defaults(raw: dict, path: Path) -> dict:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     return defaults
-
-
-def _kv_pages(model, device: torch.device, page_size: int, utilization: float, max_model_len: int) -> int:
-    """Pages that fit: free GPU memory times `utilization`; on the CPU, room for four full-length sequences."""
-    cfg = model.config
-    page_bytes = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * model.lm_head.weight.element_size()
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(1, int(free * utilization) // page_bytes)
-    return 4 * -(-max_model_len // page_size)
