@@ -171,6 +171,7 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("give PROMPT arguments or --input FILE (one of the two)")
     if args.output is not None and args.input is None:
         parser.error("--output goes with --input (prompts on the command line stream to the terminal)")
+    from tritium.engine.errors import EngineDeadError
     from tritium.engine.sampling_params import SamplingParams
     from tritium.generate import run_generate
 
@@ -186,6 +187,8 @@ def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         run_generate(args.model, args.prompts, args.input, args.output, sampling, config, chat=args.chat)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")
+    except EngineDeadError as exc:
+        parser.exit(1, f"\ntritium generate: {exc}\n")
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +203,12 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-auto-tune", action="store_true",
                         help="do not tune, at start, the attention classes this GPU's tuned table lacks "
                         "(TRITIUM_AUTO_TUNE=0 does the same)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split the model across N GPUs (one process each; on a machine without one, N CPU "
+                        "processes)")
+    parser.add_argument("--ranks-address", default=None, metavar="HOST:PORT",
+                        help="wait here for the ranks torchrun starts on several hosts instead of starting them "
+                        "(docs/tensor_parallel.md)")
 
 
 def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
@@ -210,7 +219,8 @@ def _engine_config(args: argparse.Namespace, **extra) -> "EngineConfig":
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        auto_tune=not args.no_auto_tune, **extra)
+                        auto_tune=not args.no_auto_tune, tensor_parallel_size=args.tensor_parallel_size,
+                        ranks_address=args.ranks_address, **extra)
 
 
 def _bench_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

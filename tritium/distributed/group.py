@@ -54,6 +54,12 @@ def graph_capturable() -> bool:
     return not _staged
 
 
+def barrier() -> None:
+    """Wait until every rank is here."""
+    if _size > 1:
+        dist.barrier()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """x summed over the ranks, in place; returns x."""
     if _size > 1:

@@ -27,6 +27,10 @@ class EngineConfig:
         on the CPU.
     tokenizer: a folder to take the tokenizer from (default: the model's); skip_tokenizer_init: load none (prompts
         and outputs are token ids).
+    tensor_parallel_size: ranks the model is split across, one process each (GPUs 0 .. N-1 over NCCL; on the CPU,
+        over gloo).
+    ranks_address: "HOST:PORT" where the engine waits for ranks that torchrun started on several hosts (default:
+        the engine starts its ranks on this host); docs/tensor_parallel.md.
     """
 
     dtype: str = "auto"
@@ -43,13 +47,15 @@ class EngineConfig:
     attention_backend: str | None = None
     tokenizer: str | None = None
     skip_tokenizer_init: bool = False
+    tensor_parallel_size: int = 1
+    ranks_address: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 is as good as "bfloat16"
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_kv_pages"):
             if getattr(self, name) is not None:
@@ -62,10 +68,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         if self.attention_backend not in (None, *BACKENDS):
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
-        for name in ("device", "tokenizer"):
+        for name in ("device", "tokenizer", "ranks_address"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
+        if self.ranks_address is not None and self.tensor_parallel_size == 1:
+            raise ValueError("ranks_address goes with tensor_parallel_size > 1")
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":

@@ -1,11 +1,14 @@
 """The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
 logprobs, stop conditions checked; finished sequences out.
 
-The scheduler plans each step (engine/step_plan.py); the runner (a ModelRunner) runs the plan."""
+The scheduler plans each step (engine/step_plan.py); the runner runs the plan: a ModelRunner in this process with
+one rank, a WorkerGroup of one process per rank under tensor parallelism."""
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from tritium.engine.config import EngineConfig
 from tritium.engine.page_pool import PagePool
@@ -14,8 +17,10 @@ from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence
 from tritium.engine.structured import Bitmasks, Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from tritium.engine.worker import local_runner
+from tritium.engine.worker import local_runner, share_gpu
+from tritium.engine.worker_group import WorkerGroup
 from tritium.models.config import ModelConfig
+from tritium.models.parallel import check_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,14 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.runner = local_runner(model, config, self.max_model_len, self.eos_ids)
+        tp = config.tensor_parallel_size
+        if tp == 1:
+            self.runner = local_runner(model, config, self.max_model_len, self.eos_ids)
+        else:
+            check_tensor_parallel(cfg, tp)
+            if config.ranks_address is None:
+                _check_devices(config)
+            self.runner = WorkerGroup(model, config, self.max_model_len, self.eos_ids)
         self.pages = PagePool(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_batched_tokens, config.max_num_seqs)
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
@@ -113,7 +125,8 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that finished in it."""
+        """Run one step; returns the sequences that finished in it. Raises EngineDeadError when a tensor-parallel
+        rank failed (the engine then serves nothing more)."""
         batch, plan = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
@@ -134,6 +147,12 @@ class LLMEngine:
         if finished:
             self.runner.release([seq.seq_id for seq in finished])
         return finished
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks' processes (nothing to do with one rank); idempotent. An engine dropped
+        without it stops them when it is garbage-collected, or when the interpreter exits."""
+        if isinstance(self.runner, WorkerGroup):
+            self.runner.shutdown()
 
     def _record(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
         """Append a sampled token, its logprobs and its text; returns why the sequence ends here, if it does."""
@@ -203,3 +222,10 @@ def _sampling_defaults(raw: dict, path: Path) -> dict:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     return defaults
+
+
+def _check_devices(config: EngineConfig) -> None:
+    """A GPU for each rank (one GPU for all with TRITIUM_TP_SHARE_GPU=1)."""
+    device, tp = config.torch_device(), config.tensor_parallel_size
+    if device.type == "cuda" and not share_gpu() and torch.cuda.device_count() < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; this host has {torch.cuda.device_count()}")

@@ -85,10 +85,12 @@ class AsyncEngine:
                 self._send(("abort", request_ids))
 
     def shutdown(self) -> None:
-        """Stop the loop; requests still queued or running are told with EngineDead."""
+        """Stop the loop (and the engine's tensor-parallel ranks); requests still queued or running are told with
+        EngineDead."""
         self._stopping = True
         self._send(("stop",))
         self._thread.join()
+        self.engine.shutdown()
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
