@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                             help="requests transformers' generate runs as the peer (0: no peer)")
     throughput.add_argument("--seed", type=int, default=0)
     throughput.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+    throughput.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                            help="cpu runs it without a GPU: a check of the code path, not a measurement")
     _engine_options(throughput)
 
     serve_bench = suites.add_parser("serve", help="load on any OpenAI-compatible server: throughput, TTFT, TPOT, ITL")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.seed)
         try:
             run_throughput_bench(args.model or args.model_config, workload, args.single, args.hf_prompts, args.out,
-                                 _engine_config(args))
+                                 _engine_config(args, device=args.device))
         except (ValueError, RuntimeError) as exc:
             parser.exit(2, f"tritium bench throughput: {exc}\n")
     return 0
