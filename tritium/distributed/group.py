@@ -11,8 +11,9 @@ import os
 import torch
 import torch.distributed as dist
 
-# NVLink multicast (NCCL's NVLS, and the symmetric-memory and NVSHMEM paths built on it) stays off: the GPU hosts
-# this project runs on refuse it. A value set in the environment wins.
+# NVLink multicast (NCCL's NVLS, and the symmetric-memory and NVSHMEM paths built on it) stays off: on the shared
+# GPU hosts this project runs on, a program that uses it can put the host's GPUs out of service for a day or more.
+# A value set in the environment wins.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _rank, _size, _staged = 0, 1, False
