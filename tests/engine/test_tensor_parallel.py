@@ -122,7 +122,7 @@ def test_a_rank_that_raises_stops_all(qwen3_sharded):
 def test_a_killed_rank_ends_generate_within_30_s(qwen3_llm):
     engine = qwen3_llm.engine
     pids = engine.runner.pids
-    engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), "r")
     engine.step()
     os.kill(pids[1], signal.SIGKILL)
     start = time.monotonic()
@@ -131,6 +131,10 @@ def test_a_killed_rank_ends_generate_within_30_s(qwen3_llm):
             engine.step()
     assert time.monotonic() - start < 30
     assert wait_gone(pids)
+    assert [s.finish_reason for s in engine.abort("r")] == ["abort"]  # its requests can still be ended
+    with pytest.raises(EngineDeadError):
+        engine.add_request([5, 6], SamplingParams(max_tokens=2))
+        engine.step()
 
 
 def test_ranks_that_torchrun_starts_join_the_engine(qwen3_sharded, monkeypatch):

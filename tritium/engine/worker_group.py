@@ -135,8 +135,9 @@ class WorkerGroup:
         return self._answers("done", [0], STEP_TIMEOUT_S)[0]
 
     def release(self, seq_ids: list[int]) -> None:
-        """ModelRunner.release on every rank (before the next plan; nothing to wait for)."""
-        if seq_ids:
+        """ModelRunner.release on every rank (before the next plan; nothing to wait for). Nothing to do once the
+        ranks are gone: a dead engine still lets its requests be aborted."""
+        if seq_ids and self.dead is None:
             self._send("release", seq_ids)
 
     def all_reduce_ms(self, batch_sizes: list[int]) -> dict[int, float]:
