@@ -83,7 +83,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, ste
 
 def timed_fills(engine: LLMEngine) -> list[float]:
     """Record the host's time in each bitmask fill from now on (milliseconds)."""
-    bitmasks, fills = engine.runner.processors.bitmasks, []
+    bitmasks, fills = engine.bitmasks, []
     fill = bitmasks.fill
 
     def timed(matchers: list) -> torch.Tensor:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                               max_num_batched_tokens=max(2048, args.input_len), num_kv_pages=pages)
         engine = LLMEngine(source, config)
         g = torch.Generator().manual_seed(0)
-        vocab = min(engine.model.config.vocab_size, 1000)  # ordinary tokens: random ids past them may be specials
+        vocab = min(engine.model_config.vocab_size, 1000)  # ordinary tokens: random ids past them may be specials
         prompts = [torch.randint(10, vocab, (args.input_len,), generator=g).tolist() for _ in range(args.batch)]
         base = dict(temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
         modes = {"free": SamplingParams(**base),

@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     config = EngineConfig(skip_tokenizer_init=True, max_num_seqs=1, max_model_len=args.context + 4 * args.steps + 64)
     engine = LLMEngine(shape_config(args.model_config), config)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.model_config.vocab_size
     ids = torch.randint(0, vocab, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=3 * args.steps, ignore_eos=True))
     for _ in range(args.steps):  # the prefill, then decodes in their steady state

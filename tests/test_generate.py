@@ -1,6 +1,8 @@
 """`tritium generate` (tritium/generate.py through tritium/cli/) on the default model that ships in the package."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,34 @@ def test_command_line_prompts_with_n_samples(capsys):
     out = capsys.readouterr().out
     assert out == "".join(f"[sample {o.index}]\nExceptions{o.text}\n" for o in expected)
     assert expected[0].text != expected[1].text
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the run's processes through /proc")
+def test_generate_on_two_ranks_prints_one_ranks_text_and_leaves_no_process(llm):
+    """`tritium generate -tp 2` as a user runs it (its own session): one rank's greedy text, exit code 0, and no
+    process of its session left once it has exited."""
+    expected = llm.generate(["The for statement"], SamplingParams(temperature=0, max_tokens=24),
+                            use_tqdm=False)[0].outputs[0].text
+    run = subprocess.Popen([sys.executable, "-m", "tritium.cli", "generate", "-tp", "2", "--temperature", "0",
+                            "--max-tokens", "24", "The for statement"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert out == "The for statement" + expected + "\n"
+    assert _session_processes(run.pid) == []
+
+
+def _session_processes(session: int) -> list[int]:
+    """The processes whose session id is `session` (field 6 of /proc/PID/stat, after the parenthesised name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # it ended meanwhile
+            continue
+        if stat and int(stat.rpartition(")")[2].split()[3]) == session:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize(("content", "message"), [

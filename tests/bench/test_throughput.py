@@ -1,15 +1,19 @@
 """`tritium bench throughput`'s parts that run without a GPU: the workload, the random-weight engine, the mapping
-of Tritium's weights onto transformers' model, the model shapes, and the command's argument checks."""
+of Tritium's weights onto transformers' model, the model shapes, the command's argument checks, and a tensor-parallel
+run on the CPU (a check of the code path)."""
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from tests.models.helpers import save_family
+from tritium import default_model_path
 from tritium.bench.hf_peer import hf_state_dict
-from tritium.bench.throughput import Workload, _warm_up, active_expert_share, result_name, weight_bytes
+from tritium.bench.throughput import Workload, _warm_up, active_expert_share, result_name, run_throughput_bench
 from tritium.cli import main
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.model_runner import weight_bytes
 from tritium.engine.sampling_params import SamplingParams
 from tritium.models.config import ModelConfig
 from tritium.models.loader import load_model, random_model
@@ -58,9 +62,9 @@ def test_engine_on_random_weights_runs_and_counts_its_steps():
     assert (engine.last_step.num_seqs, engine.last_step.num_tokens, engine.last_step.context_tokens) == (2, 2, 9)
     while engine.has_unfinished():
         engine.step()
-    norms = [p for n, p in engine.model.named_parameters() if "norm" in n]
+    norms = [p for n, p in engine.runner.model.named_parameters() if "norm" in n]
     assert norms and all(bool((p == 1).all()) for p in norms)
-    assert 0.015 < engine.model.lm_head.weight.std().item() < 0.025
+    assert 0.015 < engine.runner.model.lm_head.weight.std().item() < 0.025
 
 
 def test_warm_up_meets_every_power_of_two_decode_batch():
@@ -121,11 +125,28 @@ def test_bench_throughput_needs_a_gpu(capsys):
 @pytest.mark.parametrize(("single", "options", "mode"), [
     (False, {}, "batch"), (True, {"block_size": 16}, "single"), (False, {"enforce_eager": True}, "batch-eager"),
     (True, {"block_size": 64, "enforce_eager": False}, "single-page64"),
+    (False, {"tensor_parallel_size": 4}, "batch-tp4"),
 ])
 def test_result_names_tell_modes_apart(single, options, mode):
     env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-27 12:00 UTC", "commit": "abc1234"}
     name = result_name(env, "meta-llama/Llama-3.1-8B", single, EngineConfig(**options))
     assert name == f"throughput-NVIDIA_H100_80GB_HBM3-meta-llama_Llama-3.1-8B-{mode}-2026-11-27-abc1234"
+
+
+def test_two_ranks_on_the_cpu_report_their_roofline_and_all_reduce_share(tmp_path):
+    folder = default_model_path()
+    config = EngineConfig(device="cpu", tensor_parallel_size=2, max_num_seqs=4)
+    report = run_throughput_bench(str(folder), Workload(3, (6, 12), (4, 8)), out_dir=tmp_path, config=config)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:  # float32 on the CPU: 4 bytes a weight
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    # Each rank holds half of every matrix and the whole of every norm (the embedding is the tied LM head).
+    per_rank = sum(4 * torch.Size(s).numel() // (1 if "norm" in name else 2) for name, s in shapes.items())
+    assert report["tensor_parallel_size"] == 2 and report["rank_bytes"]["weight_bytes"] == per_rank
+    decode = [r for r in report["steps"] if r["decode_only"]]
+    # (CPU figures say nothing of speed: a busy machine's clock-timed copy rate or all-reduces can exceed a step's)
+    assert decode and all(r["roofline"] > 0 and r["all_reduce_share"] > 0 for r in decode)
+    assert report["tritium"]["decode_all_reduce_share_median"] > 0 and report["transformers"] is None
+    assert len(list(tmp_path.glob("throughput-*-tp2-*.json"))) == 1
 
 
 def test_roofline_counts_the_experts_a_step_picks():

@@ -18,6 +18,7 @@ def test_defaults_and_dtype_resolution():
     ("dtype", "float64"), ("block_size", 0), ("block_size", 1.5), ("block_size", True), ("max_num_seqs", -1),
     ("max_model_len", 0), ("num_kv_pages", "8"), ("enable_prefix_caching", 1), ("enforce_eager", "yes"),
     ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("attention_backend", "flash"),
+    ("tensor_parallel_size", 0), ("tensor_parallel_size", 2.0),
 ])
 def test_bad_values_are_named(field, value):
     with pytest.raises(ValueError, match=field):

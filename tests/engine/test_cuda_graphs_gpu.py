@@ -85,8 +85,7 @@ def test_decodes_launched_ahead_equal_step_by_step(engine, monkeypatch):
               for n in torch.randint(8, 40, (6,), generator=g)]
     taken = []
     step = engine.runner.step
-    monkeypatch.setattr(engine.runner, "step", lambda batch, ahead=(): taken.append(
-        engine.runner.ahead is not None and engine.runner.ahead.serves(batch)) or step(batch, ahead))
+    monkeypatch.setattr(engine.runner, "step", lambda plan: taken.append(plan.from_ahead) or step(plan))
 
     def run() -> list[list[int]]:
         seqs = [engine.add_request(p, sp, str(i))[0] for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
@@ -96,6 +95,6 @@ def test_decodes_launched_ahead_equal_step_by_step(engine, monkeypatch):
 
     ahead = run()
     assert sum(taken) > len(taken) // 2, taken  # most steps took the decode launched ahead
-    monkeypatch.setattr(engine, "_ahead", lambda batch: [])
+    monkeypatch.setattr(engine.scheduler, "_ahead", lambda batch: [])
     assert run() == ahead
     assert engine.pages.num_free == engine.pages.num_pages

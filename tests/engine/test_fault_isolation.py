@@ -10,6 +10,7 @@ from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import EngineDeadError, RequestFailed
 from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.tokenizer import IncrementalDetokenizer
 
 INNOCENT = [("The for statement", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
             ("A while loop", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)),
@@ -81,17 +82,19 @@ def test_a_batched_step_that_fails_for_one_request_is_split_until_that_request_a
 
 
 def test_a_set_up_that_fails_refuses_its_request_and_queues_nothing(engine, alone, monkeypatch):
-    prepare = engine.runner.prepare
+    made = []
 
-    def prepare_refusing_the_marked(seq):
-        if seq.params.seed == MARKED.seed and seq.index == 1:
-            raise OverflowError("seeding failed")
-        prepare(seq)
+    def detokenizer_failing_for_the_second_sample(tokenizer, prompt_ids):
+        made.append(prompt_ids)
+        if len(made) == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "the set-up failed")
+        return IncrementalDetokenizer(tokenizer, prompt_ids)
 
-    monkeypatch.setattr(engine.runner, "prepare", prepare_refusing_the_marked)
-    with pytest.raises(RequestFailed, match="seeding failed"):
+    monkeypatch.setattr(llm_engine, "IncrementalDetokenizer", detokenizer_failing_for_the_second_sample)
+    with pytest.raises(RequestFailed, match="the set-up failed"):
         engine.add_request([1, 2, 3], SamplingParams(**{**MARKED.__dict__, "n": 2}), "marked")
-    assert not engine.has_unfinished() and not engine.runner.generators
+    monkeypatch.undo()
+    assert not engine.has_unfinished()
     assert _run(engine, INNOCENT) == alone
 
 

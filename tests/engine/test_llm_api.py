@@ -20,7 +20,7 @@ def llm():
 def test_default_model_path_is_the_shipped_demo_model(llm):
     folder = Path(default_model_path())
     assert (folder / "config.json").is_file() and folder.parent == Path(tritium.__file__).parent
-    assert llm.engine.model.config.vocab_size == 4096  # the demo model's vocabulary
+    assert llm.engine.model_config.vocab_size == 4096  # the demo model's vocabulary
 
 
 def test_max_tokens_none_runs_up_to_the_context(llm):

@@ -71,7 +71,7 @@ def test_rows_are_reused_zeroed(gen):
     first = Sequence([1, 2], SamplingParams(frequency_penalty=1.0))
     procs.apply(torch.zeros(1, 16), [first], [1])
     procs.record([first], torch.tensor([4]))
-    procs.release(first)
+    procs.release(first.seq_id)
     second = Sequence([3], SamplingParams(frequency_penalty=1.0))
     out = procs.apply(torch.ones(1, 16), [second], [0])
     assert procs.penalties.row_of[second.seq_id] == procs.penalties.row_of.get(second.seq_id) == 0

@@ -1,6 +1,6 @@
-"""Decodes launched ahead (ModelRunner): the next decode is queued before the current tokens are read back, and
-taken by the next step. It must never change what is generated: greedy and seeded outputs equal a run with
-nothing launched ahead, through stop tokens, a request arriving mid-run and an abort."""
+"""Decodes launched ahead (the scheduler decides, the ModelRunner launches): the next decode is queued before the
+current tokens are read back, and taken by the next step. It must never change what is generated: greedy and seeded
+outputs equal a run with nothing launched ahead, through stop tokens, a request arriving mid-run and an abort."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.model_runner import ModelRunner
 from tritium.engine.sampling_params import SamplingParams
+from tritium.engine.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,10 @@ def _run(path, requests, run_ahead: bool, monkeypatch, arrive_at: int = 3, abort
     step `abort_at`; returns ({request: (tokens, finish reason)}, {"steps": ..., "launches": ...})."""
     with monkeypatch.context() as m:
         if not run_ahead:
-            m.setattr(LLMEngine, "_ahead", lambda self, batch: [])
+            m.setattr(Scheduler, "_ahead", lambda self, batch: [])
         launches = []
         launch = ModelRunner._launch
-        m.setattr(ModelRunner, "_launch", lambda self, batch: launches.append(1) or launch(self, batch))
+        m.setattr(ModelRunner, "_launch", lambda self, plan, out: launches.append(1) or launch(self, plan, out))
         engine = LLMEngine(path, EngineConfig(skip_tokenizer_init=True, block_size=4))
         seqs = []
         for i, (prompt, params) in enumerate(requests[:-1]):

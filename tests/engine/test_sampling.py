@@ -155,7 +155,7 @@ def test_n_samples_share_prompt_pages(text_model):
     prompt = llm.engine.tokenizer.encode("The cat sat on the mat, and the dog")
     assert len(prompt) > 9
     seqs = llm.engine.add_request(prompt, SamplingParams(n=3, max_tokens=4))
-    batch = llm.engine.scheduler.schedule()
+    batch, _ = llm.engine.scheduler.schedule()
     full_pages = (len(prompt) - 1) // 4 * 4  # the last prompt token always runs, to give logits
     assert [n for _, n in batch] == [len(prompt)] + [len(prompt) - full_pages] * 2
     assert seqs[1].pages[:full_pages // 4] == seqs[0].pages[:full_pages // 4]

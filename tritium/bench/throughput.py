@@ -8,6 +8,11 @@ routing; plus each sequence's cached K/V) over the copy bandwidth measured in th
 time: from the previous step's tokens on the host to this step's (the engine launches a decode before reading
 back the one before it; timing a step alone would stall that overlap). `--single` runs one stream instead (the
 latency mode).
+
+With tensor parallelism (N ranks) the roofline is one GPU's: the bytes the rank that reads the most must read (its
+weights, about 1/N of them, and the K/V of its own heads) over one GPU's copy bandwidth. The all-reduce share of a
+decode step is the time of its 2 x layers + 1 all-reduces of the batch's hidden states, each timed alone on the
+ranks after the run, over the step's time. The transformers peer runs with one rank on a GPU only.
 """
 
 import dataclasses
@@ -58,11 +63,13 @@ def run_throughput_bench(
     model: str, workload: Workload, single: bool = False, hf_prompts: int = 32,
     out_dir: Path = Path("benchmarks/results"), config: EngineConfig | None = None,
 ) -> dict:
-    """Time the engine (and transformers' generate on a subset) on one workload; write JSON + PNG into out_dir."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("tritium bench throughput needs a GPU (the CPU path exists for correctness, not speed)")
-    device = torch.device("cuda")
-    config = config or EngineConfig()
+    """Time the engine (and transformers' generate on a subset) on one workload; write JSON + PNG into out_dir.
+    Without a GPU it runs only when config.device is "cpu" (a check of the code path, not a measurement)."""
+    config = dataclasses.replace(config or EngineConfig(), skip_tokenizer_init=True)
+    if config.device is None and not torch.cuda.is_available():
+        raise RuntimeError("tritium bench throughput needs a GPU (--device cpu runs it on the CPU: a check of the "
+                           "code path, not a measurement)")
+    device, tp = config.torch_device(), config.tensor_parallel_size
     source: Path | ModelConfig
     if model in MODEL_SHAPES:
         raw_config = {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
@@ -73,14 +80,14 @@ def run_throughput_bench(
     if single:
         workload = Workload(1, workload.input_len, workload.output_len, workload.seed)
     env = describe_environment(device)
-    ceilings = measure_ceilings(device)
-    config = dataclasses.replace(config, skip_tokenizer_init=True)
+    ceilings = measure_ceilings(device)  # one GPU's (GPU 0's under tensor parallelism)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     engine = LLMEngine(source, config)
-    cfg = engine.model.config
+    cfg = engine.model_config
     requests = workload.requests(cfg.vocab_size)
     _warm_up(engine, requests)
-    dense_bytes, expert_bytes = weight_bytes(engine.model)
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model.lm_head.weight.itemsize
+    sizes = engine.runner.sizes()  # of the rank that reads the most
 
     steps, start = [], time.perf_counter()
     for i, (ids, n_out) in enumerate(requests):
@@ -95,38 +102,40 @@ def run_throughput_bench(
             s = engine.last_step
             row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
             if row["decode_only"]:
-                weights = dense_bytes + expert_bytes * active_expert_share(cfg, s.num_seqs)
-                read = weights + s.context_tokens * kv_bytes_per_token
-                floor_ms = read / (ceilings["copy_tb_per_s"] * 1e9)
-                row["roofline"] = floor_ms / ms
+                weights = sizes["weight_bytes"] + sizes["expert_bytes"] * active_expert_share(cfg, s.num_seqs)
+                read = weights + s.context_tokens * sizes["kv_bytes_per_token"]
+                row["roofline"] = read / (ceilings["copy_tb_per_s"] * 1e9) / ms
             steps.append(row)
             bar.update(len(finished))
     elapsed = time.perf_counter() - start
+    decode = [r for r in steps if r["decode_only"]]
+    if tp > 1 and decode:
+        _all_reduce_shares(engine, decode)
     n_in = sum(len(ids) for ids, _ in requests)
     n_out = sum(n for _, n in requests)
-    decode = [r for r in steps if r["decode_only"]]
     report = {
         "environment": env, "ceilings": ceilings, "model": model, "workload": workload.__dict__, "single": single,
         "engine_config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
+        "tensor_parallel_size": tp, "rank_bytes": sizes,
         "tritium": {
             "seconds": elapsed, "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": n_out / elapsed,
             "total_tokens_per_s": (n_in + n_out) / elapsed, "steps": len(steps), "decode_steps": len(decode),
-            "decode_roofline_median": statistics.median(r["roofline"] for r in decode) if decode else math.nan,
-            # time-weighted: the roofline time of all decode steps over their measured time
-            "decode_roofline_overall": (sum(r["roofline"] * r["ms"] for r in decode) / sum(r["ms"] for r in decode)
-                                        if decode else math.nan),
+            **_medians(decode),
         },
         "steps": steps,
     }
     hf_weights = None
-    if hf_prompts and _has_transformers():  # kept on the host while the engine's KV pool is released
-        hf_weights = {k: v.detach().to("cpu") for k, v in hf_state_dict(engine.model).items()}
-    family, dtype = cfg.family, engine.model.lm_head.weight.dtype
+    if hf_prompts and tp == 1 and device.type == "cuda" and _has_transformers():
+        # kept on the host while the engine's KV pool is released
+        hf_weights = {k: v.detach().to("cpu") for k, v in hf_state_dict(engine.runner.model).items()}
+    dtype = config.torch_dtype(device)
+    engine.shutdown()
     del engine
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     report["transformers"] = None
     if hf_weights is not None:
-        hf = hf_model_like(hf_weights, raw_config, family, dtype)
+        hf = hf_model_like(hf_weights, raw_config, cfg.family, dtype)
         del hf_weights
         report["transformers"] = _transformers_peer(hf, requests[:hf_prompts])
     _print(report)
@@ -138,18 +147,24 @@ def run_throughput_bench(
     return report
 
 
-def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of the weights every decode step reads, bytes of the MoE experts'). The embedding counts only when
-    tied to the LM head (a lookup reads a few rows)."""
-    dense = experts = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name and not model.config.tie_word_embeddings:
-            continue
-        if ".experts." in name:
-            experts += p.numel() * p.element_size()
-        else:
-            dense += p.numel() * p.element_size()
-    return dense, experts
+def _all_reduce_shares(engine: LLMEngine, decode: list[dict]) -> None:
+    """Each decode step's all-reduce share: 2 per layer and 1 for the embedding, of its batch's hidden states, each
+    timed alone on the ranks (engine.runner.all_reduce_ms), over the step's time."""
+    per_step = 2 * engine.model_config.num_layers + 1
+    ms = engine.runner.all_reduce_ms(sorted({r["seqs"] for r in decode}))
+    for r in decode:
+        r["all_reduce_share"] = per_step * ms[r["seqs"]] / r["ms"]
+
+
+def _medians(decode: list[dict]) -> dict:
+    """The decode steps' roofline share (median and time-weighted) and all-reduce share (the same, when measured)."""
+    out = {}
+    for key, name in (("roofline", "decode_roofline"), ("all_reduce_share", "decode_all_reduce_share")):
+        rows = [r for r in decode if key in r]
+        out[f"{name}_median"] = statistics.median(r[key] for r in rows) if rows else math.nan
+        # time-weighted: the share of all the decode steps' measured time
+        out[f"{name}_overall"] = sum(r[key] * r["ms"] for r in rows) / sum(r["ms"] for r in rows) if rows else math.nan
+    return out
 
 
 def active_expert_share(config: ModelConfig, num_tokens: int) -> float:
@@ -161,11 +176,14 @@ def active_expert_share(config: ModelConfig, num_tokens: int) -> float:
 
 
 def result_name(env: dict, model: str, single: bool, config: EngineConfig) -> str:
-    """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16), date, commit,
+    """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16, tensor
+    parallelism), date, commit,
     so that runs of one commit in different modes do not overwrite each other."""
     mode = ("single" if single else "batch") + ("-eager" if config.enforce_eager else "")
     if config.block_size != 16:
         mode += f"-page{config.block_size}"
+    if config.tensor_parallel_size > 1:
+        mode += f"-tp{config.tensor_parallel_size}"
     card, model = env["card"].replace(" ", "_"), model.replace("/", "_")
     return f"throughput-{card}-{model}-{mode}-{env['date'][:10]}-{env['commit']}"
 
@@ -184,7 +202,7 @@ def _warm_up(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
         if size >= min(len(requests), engine.scheduler.max_seqs):
             break
         size *= 2
-    if engine.model.lm_head.weight.is_cuda:
+    if engine.config.torch_device().type == "cuda" and engine.config.tensor_parallel_size == 1:
         torch.cuda.synchronize()
 
 
@@ -218,12 +236,16 @@ def _transformers_peer(hf: torch.nn.Module, requests: list[tuple[list[int], int]
 
 
 def _print(report: dict) -> None:
-    t, hf = report["tritium"], report["transformers"]
-    print(f"{report['environment']['card']} | {report['model']} | commit {report['environment']['commit']}")
+    t, hf, tp = report["tritium"], report["transformers"], report["tensor_parallel_size"]
+    print(f"{report['environment']['card']} | {report['model']} | commit {report['environment']['commit']}"
+          + (f" | tensor parallel x{tp}" if tp > 1 else ""))
     print(f"tritium: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s, "
           f"{t['total_tokens_per_s']:.0f} total tok/s; decode steps {t['decode_steps']} at "
-          f"{t['decode_roofline_median']:.0%} of the memory roofline (median), {t['decode_roofline_overall']:.0%} "
-          "time-weighted")
+          f"{t['decode_roofline_median']:.0%} of the {'per-GPU ' if tp > 1 else ''}memory roofline (median), "
+          f"{t['decode_roofline_overall']:.0%} time-weighted")
+    if tp > 1:
+        print(f"all-reduces: {t['decode_all_reduce_share_median']:.0%} of a decode step (median), "
+              f"{t['decode_all_reduce_share_overall']:.0%} time-weighted")
     if hf:
         print(f"transformers ({hf['requests']} requests): {hf['output_tokens_per_s']:.0f} output tok/s, "
               f"{hf['total_tokens_per_s']:.0f} total tok/s")

@@ -66,6 +66,9 @@ def _add_throughput(suites) -> None:
                             help="one stream (latency mode) instead of the batch (default: off)")
     throughput.add_argument("--hf-prompts", type=int, default=32, metavar="N",
                             help="requests transformers' generate runs as the peer; 0: no peer (default: %(default)s)")
+    throughput.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                            help="cpu runs it without a GPU: a check of the code path, not a measurement "
+                            "(default: the GPU)")
     throughput.add_argument("--out", type=Path, default=RESULTS,
                             help="folder for JSON and PNG (default: %(default)s)")
     engine_options(throughput)  # its --seed also seeds the random prompts

@@ -70,6 +70,12 @@ def engine_options(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=None,
         help="seed the random draws of requests that carry no seed of their own, so a run repeats "
         "(default: none, each run differs)")
+    add("--tensor-parallel-size", "-tp", type=int, default=_ENGINE.tensor_parallel_size, metavar="N",
+        help="split the model across N GPUs, one process each; on a machine without one, N CPU processes "
+        "(default: %(default)s)")
+    add("--ranks-address", default=None, metavar="HOST:PORT",
+        help="wait here for the ranks torchrun starts on several hosts instead of starting them "
+        "(docs/tensor_parallel.md; default: none)")
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:

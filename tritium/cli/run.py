@@ -27,6 +27,7 @@ def add_generate(commands) -> None:
 
 
 def _run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from tritium.engine.errors import EngineDeadError
     from tritium.engine.sampling_params import SamplingParams
     from tritium.generate import read_prompts, run_generate
 
@@ -49,6 +50,8 @@ def _run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         run_generate(model, config, sampling, args.prompts, items, args.output, args.chat)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tritium generate: {exc}\n")
+    except EngineDeadError as exc:  # a tensor-parallel rank died, or the device failed
+        parser.exit(1, f"\ntritium generate: {exc}\n")
 
 
 def add_serve(commands) -> None:
@@ -71,7 +74,8 @@ def add_serve(commands) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM or SIGINT, let requests in flight run this long, then end them with an "
                        "error (default: %(default)s)")
-    serve.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request (default: off)")
+    serve.add_argument("--disable-log-requests", action="store_true",
+                       help="no log line per finished request (default: off)")
     engine_options(serve)
     serve.set_defaults(run=_run_serve)
 

@@ -30,6 +30,10 @@ class EngineConfig:
     revision: the Hub revision (branch, tag or commit) of a model given by its Hub id.
     seed: seeds the random draws of requests that carry no seed of their own, so a run repeats (default: none, each
         run differs).
+    tensor_parallel_size: ranks the model is split across, one process each (GPUs 0 .. N-1 over NCCL; on the CPU,
+        over gloo).
+    ranks_address: "HOST:PORT" where the engine waits for ranks that torchrun started on several hosts (default:
+        the engine starts its ranks on this host); docs/tensor_parallel.md.
     """
 
     dtype: str = "auto"
@@ -48,13 +52,15 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     revision: str | None = None
     seed: int | None = None
+    tensor_parallel_size: int = 1
+    ranks_address: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 is as good as "bfloat16"
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_kv_pages"):
             if getattr(self, name) is not None:
@@ -69,10 +75,12 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        for name in ("device", "tokenizer", "revision"):
+        for name in ("device", "tokenizer", "revision", "ranks_address"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
+        if self.ranks_address is not None and self.tensor_parallel_size == 1:
+            raise ValueError("ranks_address goes with tensor_parallel_size > 1")
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":

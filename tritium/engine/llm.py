@@ -23,8 +23,8 @@ class LLM:
     """LLM(model, **options): `model` is a Hugging Face model folder or Hub id (default: the demo model that ships
     with Tritium); the options are `EngineConfig`'s fields (dtype, block_size, max_model_len, seed, revision,
     max_num_batched_tokens, max_num_seqs, enable_prefix_caching, num_kv_pages, gpu_memory_utilization,
-    enforce_eager, tokenizer, skip_tokenizer_init ...), as vLLM's LLM takes them. With skip_tokenizer_init=True
-    prompts are token ids and outputs carry no text."""
+    enforce_eager, tokenizer, skip_tokenizer_init, tensor_parallel_size ...), as vLLM's LLM takes them. With
+    skip_tokenizer_init=True prompts are token ids and outputs carry no text."""
 
     def __init__(self, model: str | Path | None = None, **options) -> None:
         from tritium import default_model_path

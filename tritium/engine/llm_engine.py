@@ -1,6 +1,9 @@
 """The engine loop: requests in, one scheduled step at a time; each sampled token recorded with its text and
 logprobs, stop conditions checked; finished sequences out.
 
+The scheduler plans each step (engine/step_plan.py); the runner runs the plan: a ModelRunner in this process with
+one rank, a WorkerGroup of one process per rank under tensor parallelism.
+
 Faults are sorted by whose they are. What raises while handling one request (its set-up, its tokens' text and stop
 checks, or a batched step that fails only while it is in the batch) ends that request alone, with finish_reason
 "error"; an engine fault (the device's, a dead rank's) marks the engine dead and fails every request."""
@@ -13,21 +16,22 @@ from pathlib import Path
 
 import torch
 
-from tritium.engine.auto_tune import auto_tune, auto_tune_enabled
 from tritium.engine.config import EngineConfig
 from tritium.engine.errors import EngineDeadError, InvalidParameter, RequestFailed, is_engine_fault
-from tritium.engine.model_runner import ModelRunner
+from tritium.engine.model_runner import StepOutput
 from tritium.engine.page_pool import PagePool
 from tritium.engine.record import record_token
 from tritium.engine.sampling_params import SamplingParams
 from tritium.engine.scheduler import Scheduler
 from tritium.engine.sequence import Sequence, Status
-from tritium.engine.structured import Grammars
+from tritium.engine.step_plan import StepPlan, make_plan
+from tritium.engine.structured import Bitmasks, Grammars
 from tritium.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from tritium.engine.worker import local_runner, share_gpu
+from tritium.engine.worker_group import WorkerGroup
 from tritium.models.config import ModelConfig
-from tritium.models.loader import load_model, random_model
+from tritium.models.parallel import check_tensor_parallel
 from tritium.models.source import resolve_folder, resolve_model
-from tritium.ops.attention.configs import table_choice
 
 log = logging.getLogger(__name__)
 
@@ -56,53 +60,35 @@ class LLMEngine:
             tokenizer = model
         if tokenizer is None and not config.skip_tokenizer_init:
             raise ValueError("random weights come without a tokenizer: give tokenizer=DIR or skip_tokenizer_init=True")
-        # The tokenizer before the weights: a missing file fails fast.
+        # The tokenizer first: a missing file fails fast.
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(resolve_folder(tokenizer))
-        device = config.torch_device()
-        dtype = config.torch_dtype(device)
         if isinstance(model, ModelConfig):
-            self.model, self.eos_ids, self.sampling_defaults = random_model(model, dtype, device), set(), {}
+            self.model_config, self.eos_ids, self.sampling_defaults = model, set(), {}
         else:
+            self.model_config = ModelConfig.load(model)
             generation = _read_json(Path(model) / "generation_config.json")
-            self.model = load_model(model, dtype, device)
             self.eos_ids = _eos_ids(generation) | _eos_ids(_read_json(Path(model) / "config.json"))
             self.sampling_defaults = _sampling_defaults(generation, Path(model) / "generation_config.json")
-        cfg = self.model.config
+        cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        page_size = config.block_size
-        backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
-        if backend == "triton" and device.type == "cuda":  # before the page pool takes the free memory
-            self._tune_attention(device, dtype, page_size)
-        num_pages = config.num_kv_pages
-        if num_pages is None:
-            num_pages = _kv_pages(self.model, device, page_size, config.gpu_memory_utilization, self.max_model_len)
-        if num_pages * page_size < self.max_model_len:
-            raise ValueError(f"{num_pages} KV pages of {page_size} tokens cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len}")
-        self.pages = PagePool(num_pages, page_size, config.enable_prefix_caching)
+        tp = config.tensor_parallel_size
+        if tp == 1:
+            self.runner = local_runner(model, config, self.max_model_len, self.eos_ids)
+        else:
+            check_tensor_parallel(cfg, tp)
+            if config.ranks_address is None:
+                _check_devices(config)
+            self.runner = WorkerGroup(model, config, self.max_model_len, self.eos_ids)
+        self.pages = PagePool(self.runner.num_pages, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_batched_tokens, config.max_num_seqs)
-        # Decode steps replay CUDA graphs on a GPU unless enforce_eager (vLLM's name for the switch).
-        graphs = not config.enforce_eager and device.type == "cuda" and backend == "triton"
-        self.runner = ModelRunner(self.model, num_pages, page_size, backend, graphs, config.max_num_seqs,
-                                  self.max_model_len, config.max_num_batched_tokens, self.eos_ids)
         self.grammars = None if self.tokenizer is None else Grammars(self.tokenizer, cfg.vocab_size, self.eos_ids)
+        self.bitmasks = Bitmasks(cfg.vocab_size)
         self.last_step = StepStats(0, 0, 0)
         self.dead: EngineDeadError | None = None  # set by an engine fault: nothing more is served
         if config.seed is not None:  # last: building the model draws from torch's generator too
             torch.manual_seed(config.seed)  # requests without a seed of their own draw from it
-
-    def _tune_attention(self, device: torch.device, dtype: torch.dtype, page_size: int) -> None:
-        """Auto-tune the attention classes this engine's steps can run that the device's table lacks (when on), and
-        say in the log which tuned table the kernel runs with."""
-        attn = self.model.model.layers[0].self_attn
-        shape = (self.config.max_num_batched_tokens, self.config.max_num_seqs, attn.num_heads, attn.num_kv_heads,
-                 attn.head_dim, page_size, self.max_model_len, attn.sliding_window)
-        if auto_tune_enabled(self.config.auto_tune):
-            auto_tune(device, dtype, *shape)
-        else:
-            log.info("attention configs: %s (auto-tune off)", table_choice(device).describe())
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> list[Sequence]:
         """Queue a request as its `params.n` samples; a bad one raises ValueError here (a set-up that fails,
@@ -120,10 +106,7 @@ class LLMEngine:
                     seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
                 if params.structured_outputs is not None:
                     seq.grammar = self.grammars.matcher(params.structured_outputs)
-                self.runner.prepare(seq)
         except Exception as exc:  # noqa: BLE001  the request's own set-up: it alone fails
-            for seq in seqs:
-                self.runner.release(seq)
             self._check_fault(exc)
             raise RequestFailed(f"setting up the request failed: {type(exc).__name__}: {exc}") from exc
         for seq in seqs:
@@ -141,7 +124,7 @@ class LLMEngine:
             raise InvalidParameter("params", f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise InvalidParameter("prompt", "the prompt is empty" if not prompt_ids else "the prompt is not a list")
-        vocab = self.model.config.vocab_size
+        vocab = self.model_config.vocab_size
         if not all(type(t) is int and 0 <= t < vocab for t in prompt_ids):
             raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})")
         room = self.max_model_len - len(prompt_ids)
@@ -157,28 +140,23 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:
-                raise InvalidParameter(name, f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
+                raise ValueError(f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
         for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
             if any(t >= vocab for t in ids):
-                raise InvalidParameter(name, f"{name} names token ids outside the vocabulary [0, {vocab})")
+                raise ValueError(f"{name} names token ids outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
-            raise InvalidParameter("stop", "stop strings need a tokenizer (the engine runs with "
-                                   "skip_tokenizer_init=True); use stop_token_ids")
+            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
+                             "use stop_token_ids")
         if params.structured_outputs is not None:
             if self.grammars is None:
-                raise InvalidParameter("structured_outputs", "structured_outputs needs a tokenizer (the engine runs "
-                                       "with skip_tokenizer_init=True)")
-            try:
-                self.grammars.compile(params.structured_outputs)
-            except ValueError as exc:
-                raise InvalidParameter("structured_outputs", str(exc)) from None
+                raise ValueError("structured_outputs needs a tokenizer (the engine runs with skip_tokenizer_init=True)")
+            self.grammars.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
         are free for others at once. Returns them; none when the request already finished."""
         dropped = self.scheduler.abort(request_id)
-        for seq in dropped:
-            self.runner.release(seq)
+        self.runner.release([seq.seq_id for seq in dropped])
         return dropped
 
     def has_unfinished(self) -> bool:
@@ -186,66 +164,82 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that finished in it, those of a request that failed in it too (with
-        finish_reason "error"). An engine fault raises EngineDeadError: every request has failed with it."""
+        finish_reason "error"). An engine fault (a dead tensor-parallel rank among them) raises EngineDeadError:
+        every request has failed with it, and the engine serves nothing more."""
         if self.dead is not None:
             raise self.dead
-        # Sequences that arrived while decodes were launched ahead join after those decodes, unless none is left.
-        batch = self.scheduler.schedule(admit=self.runner.ahead is None) or self.scheduler.schedule()
+        batch, plan = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("no request fits in the KV-cache pool: the pool is smaller than one sequence")
         self.last_step = StepStats(len(batch), sum(n for _, n in batch), sum(s.num_computed + n for s, n in batch))
-        sampled, finished = self._run(batch)
+        out, finished = self._run(batch, plan)
+        done = []
         for seq, n in batch:
             if seq.status is Status.FINISHED:  # its request failed in this step
                 continue
             seq.num_computed += n
-            if seq.seq_id not in sampled:
+            seq.prompt_logprobs += out.prompt_logprobs.get(seq.seq_id, [])
+            if seq.seq_id not in out.sampled:
                 continue
             try:
-                reason = record_token(seq, *sampled[seq.seq_id], self.eos_ids)
+                reason = record_token(seq, *out.sampled[seq.seq_id], self.eos_ids)
             except Exception as exc:  # noqa: BLE001  its text or stop checks: its request alone fails
                 self._check_fault(exc)
                 finished += self._fail(seq.request_id, exc)
                 continue
             if reason:
                 self.scheduler.finish(seq, reason)
-                self.runner.release(seq)
-                finished.append(seq)
-        return finished
+                done.append(seq)
+        if done:
+            self.runner.release([seq.seq_id for seq in done])
+        return finished + done
 
-    def _run(self, batch: list[tuple[Sequence, int]]) -> tuple[dict[int, tuple], list[Sequence]]:
-        """The runner's step over the batch: (sampled token and logprobs by seq_id, sequences failed in it)."""
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks' processes (nothing to do with one rank); idempotent. An engine dropped
+        without it stops them when it is garbage-collected, or when the interpreter exits."""
+        if isinstance(self.runner, WorkerGroup):
+            self.runner.shutdown()
+
+    def _run(self, batch: list[tuple[Sequence, int]], plan: StepPlan) -> tuple[StepOutput, list[Sequence]]:
+        """The runner's step on the plan: (its output, sequences failed in it)."""
         try:
-            return self.runner.step(batch, self._ahead(batch)), []
+            return self.runner.step(self._with_bitmask(plan, batch)), []
         except Exception as exc:  # noqa: BLE001  sorted below: the engine's fault, or some request's
             self._check_fault(exc)
             first = exc
-        self.runner.ahead = None
+        self.scheduler.ahead, self.runner.ahead = set(), None  # the parts below run whole, nothing ahead
         failed: list[Sequence] = []
-        sampled = self._isolate(batch, first, failed)
+        out = self._isolate(batch, first, failed)
         requests = {seq.request_id for seq, _ in batch}
         if len(requests) > 1 and {seq.request_id for seq in failed} == requests:
             self._die(first)  # every request fails even alone: the fault is not theirs
-        return sampled, failed
+        return out, failed
 
-    def _isolate(self, batch: list[tuple[Sequence, int]], exc: Exception, failed: list[Sequence]) -> dict[int, tuple]:
+    def _with_bitmask(self, plan: StepPlan, batch: list[tuple[Sequence, int]]) -> StepPlan:
+        if any(seq.grammar is not None for seq, _ in batch):  # the matchers have taken every token read back
+            plan.bitmask = self.bitmasks.fill([seq.grammar for seq, _ in batch])
+        return plan
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], exc: Exception, failed: list[Sequence]) -> StepOutput:
         """Run a batch whose step raised `exc` again in halves, down to single sequences, so that only the requests
-        whose sequences fail alone fail; returns the others' samples. K/V written twice holds the same values; a
+        whose sequences fail alone fail; returns the others' output. K/V written twice holds the same values; a
         seeded sample whose draw the failed step had taken draws anew."""
         if len(batch) == 1:
             failed += self._fail(batch[0][0].request_id, exc)
-            return {}
-        sampled = {}
+            return StepOutput()
+        out = StepOutput()
         for part in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
             part = [(seq, n) for seq, n in part if seq.status is not Status.FINISHED]
             if not part:
                 continue
             try:
-                sampled.update(self.runner.step(part))
+                got = self.runner.step(self._with_bitmask(make_plan(part, [], False), part))
             except Exception as part_exc:  # noqa: BLE001
                 self._check_fault(part_exc)
-                sampled.update(self._isolate(part, part_exc, failed))
-        return sampled
+                got = self._isolate(part, part_exc, failed)
+            out.sampled.update(got.sampled)
+            out.prompt_logprobs.update(got.prompt_logprobs)
+        return out
 
     def _fail(self, request_id: str, exc: Exception) -> list[Sequence]:
         """End a request with finish_reason "error" (its pages freed); returns its sequences that were not done."""
@@ -270,21 +264,6 @@ class LLMEngine:
             for seq in self.abort(request_id):
                 seq.finish_reason, seq.error = "error", str(dead)
         raise dead from exc
-
-    def _ahead(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """The sequences whose next decode can be launched before this step's tokens are read back: when nothing
-        waits to be admitted and every running sequence samples in this step, those that do not end on this
-        token by length; each is given the page for one more token. Empty when that is not the case."""
-        if self.scheduler.waiting or len(batch) != len(self.scheduler.running):
-            return []
-        if any(seq.num_computed + n != len(seq) for seq, n in batch):  # a prefill chunk runs on next step
-            return []
-        seqs = [seq for seq, _ in batch if len(seq.output_ids) + 1 < seq.params.max_tokens]
-        if sum(self.pages.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.pages.num_free:
-            return []
-        for seq in seqs:
-            self.pages.grow(seq, len(seq) + 1)
-        return seqs
 
 
 def _read_json(path: Path) -> dict:
@@ -314,11 +293,8 @@ def _sampling_defaults(raw: dict, path: Path) -> dict:
     return defaults
 
 
-def _kv_pages(model, device: torch.device, page_size: int, utilization: float, max_model_len: int) -> int:
-    """Pages that fit: free GPU memory times `utilization`; on the CPU, room for four full-length sequences."""
-    cfg = model.config
-    page_bytes = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * model.lm_head.weight.element_size()
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(1, int(free * utilization) // page_bytes)
-    return 4 * -(-max_model_len // page_size)
+def _check_devices(config: EngineConfig) -> None:
+    """A GPU for each rank (one GPU for all with TRITIUM_TP_SHARE_GPU=1)."""
+    device, tp = config.torch_device(), config.tensor_parallel_size
+    if device.type == "cuda" and not share_gpu() and torch.cuda.device_count() < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; this host has {torch.cuda.device_count()}")

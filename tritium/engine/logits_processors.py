@@ -5,13 +5,15 @@ Logprobs are still reported from the raw logits, as vLLM reports them.
 Penalties need each sequence's token counts. A decode launched ahead samples on the device before the host has
 read the token sampled before it, so the counts live on the device too (`PenaltyState`), updated there by every
 step's sampled tokens; the host never builds them from its token lists. The grammar mask instead needs the host
-(the matcher reads the last token): the runner defers the sampling of a step launched ahead whose rows have a
-grammar until the host has advanced the matchers (see ModelRunner)."""
+(the matcher reads the last token): the engine fills it into the step's plan, and the runner defers the sampling
+of a step launched ahead whose rows have a grammar until the next plan brings their mask (see ModelRunner).
+
+A row is anything with the sequence's `seq_id`, `params`, `prompt_ids` (for penalties and min_tokens) and
+`finish_reason`: a plan's SeqStep in the engine, a Sequence in the tests."""
 
 import torch
 
-from tritium.engine.sequence import Sequence
-from tritium.engine.structured import Bitmasks, apply_bitmask
+from tritium.engine.structured import apply_bitmask
 
 
 class PenaltyState:
@@ -26,11 +28,11 @@ class PenaltyState:
         self.row_of: dict[int, int] = {}
         self.free: list[int] = []
 
-    def rows(self, seqs: list[Sequence]) -> torch.Tensor:
+    def rows(self, seqs: list) -> torch.Tensor:
         """The sequences' rows (given one on first sight) as an index tensor on the device."""
         return torch.tensor([self._row(s) for s in seqs], device=self.device)
 
-    def _row(self, seq: Sequence) -> int:
+    def _row(self, seq) -> int:
         row = self.row_of.get(seq.seq_id)
         if row is not None:
             return row
@@ -64,8 +66,8 @@ class PenaltyState:
         """Count the sampled tokens (on the device: they may not have reached the host yet)."""
         self.counts.index_put_((state_rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
 
-    def release(self, seq: Sequence) -> None:
-        row = self.row_of.pop(seq.seq_id, None)
+    def release(self, seq_id: int) -> None:
+        row = self.row_of.pop(seq_id, None)
         if row is not None:
             self.free.append(row)
 
@@ -77,22 +79,24 @@ class LogitsProcessors:
     def __init__(self, vocab_size: int, device: torch.device, eos_ids: set[int]) -> None:
         self.vocab_size, self.device, self.eos_ids = vocab_size, device, sorted(eos_ids)
         self.penalties = PenaltyState(vocab_size, device)
-        self.bitmasks = Bitmasks(vocab_size, device)
 
-    def apply(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, seqs: list, positions: list[int], bitmask: torch.Tensor | None = None,
+              ) -> torch.Tensor:
         """The logits the choice is made from; `positions[i]` is the position of row i's last input token (its
-        output count before this token is positions[i] + 1 - prompt length)."""
+        output count before this token is positions[i] + 1 - prompt length); `bitmask` (one row per row, on the
+        device) the tokens the rows' grammars allow."""
         params = [s.params for s in seqs]
-        grammar = any(s.grammar is not None for s in seqs)
+        grammar = bitmask is not None
         bias = [i for i, p in enumerate(params) if p.logit_bias]
         blocked = [i for i, (s, pos) in enumerate(zip(seqs, positions))
-                   if s.grammar is None and pos + 1 - len(s.prompt_ids) < s.params.min_tokens]
+                   if s.params.min_tokens and s.params.structured_outputs is None
+                   and pos + 1 - len(s.prompt_ids) < s.params.min_tokens]
         penalized = _penalized(seqs)
         if not (grammar or bias or blocked or penalized):
             return logits
         logits = logits.clone()
         if grammar:
-            apply_bitmask(logits, self.bitmasks.fill([s.grammar for s in seqs]))
+            apply_bitmask(logits, bitmask)
         if bias:
             rows, tokens, values = [], [], []
             for i in bias:
@@ -110,7 +114,7 @@ class LogitsProcessors:
             self.penalties.apply(logits, batch_rows, state_rows, [params[i] for i in penalized])
         return logits
 
-    def _block_stops(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    def _block_stops(self, logits: torch.Tensor, seqs: list, rows: list[int]) -> None:
         """Sequences short of min_tokens may not end: their end-of-sequence (unless ignored) and stop ids are out."""
         index_rows, index_tokens = [], []
         for row, seq in zip(rows, seqs):
@@ -122,18 +126,18 @@ class LogitsProcessors:
             logits[torch.tensor(index_rows, device=self.device), torch.tensor(index_tokens, device=self.device)] = \
                 float("-inf")
 
-    def record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+    def record(self, seqs: list, tokens: torch.Tensor) -> None:
         """After sampling: count the tokens of the penalized rows on the device."""
         penalized = _penalized(seqs)
         if penalized:
             rows = tokens if len(penalized) == len(seqs) else tokens[torch.tensor(penalized, device=tokens.device)]
             self.penalties.record(self.penalties.rows([seqs[i] for i in penalized]), rows)
 
-    def release(self, seq: Sequence) -> None:
-        self.penalties.release(seq)
+    def release(self, seq_id: int) -> None:
+        self.penalties.release(seq_id)
 
 
-def _penalized(seqs: list[Sequence]) -> list[int]:
+def _penalized(seqs: list) -> list[int]:
     """Rows that need penalty counts. A sequence that ended (or was aborted) before a deferred sampling ran has
     given its row back: it samples unpenalized, and its token is dropped anyway."""
     return [i for i, s in enumerate(seqs) if s.params.penalized and s.finish_reason is None]

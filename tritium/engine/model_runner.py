@@ -1,14 +1,18 @@
-"""Runs the model on one scheduled step: lays the batch out over the paged KV cache, then samples."""
+"""Runs the model on one step's plan: lays the batch out over the paged KV cache, then samples (on rank 0: under
+tensor parallelism every rank runs the same plan on its shard, and rank 0 samples from the gathered logits)."""
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from tritium import distributed
+from tritium.engine.config import EngineConfig
 from tritium.engine.cuda_graphs import DecodeGraphs, fill_rows
 from tritium.engine.logits_processors import LogitsProcessors
 from tritium.engine.sampler import Sampled, sample
-from tritium.engine.sequence import Sequence
+from tritium.engine.step_plan import SeqStep, StepPlan
 from tritium.engine.warm_up import TABLE_ALIGN, warm_up_model
 from tritium.models.attention import AttentionMetadata
 from tritium.models.llama import LlamaForCausalLM
@@ -19,149 +23,204 @@ from tritium.models.llama import LlamaForCausalLM
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per log-softmax: 256 x a 128k vocabulary is 128 MiB of float32
 
+PromptLogprob = dict[int, tuple[float, int]] | None  # {token id: (logprob, rank)}; None for the first prompt token
+
+
+@dataclass
+class StepOutput:
+    """What a step gives the engine (on rank 0; the other ranks' is empty)."""
+
+    # seq_id -> (token, its logprobs, its rank in the vocabulary; both None unless logprobs were asked for)
+    sampled: dict[int, tuple[int, dict[int, float] | None, int | None]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # seq_id -> the step's new entries
+
 
 class Launched:
-    """A step on its way through the device: which sequences sample in it, at which positions their query tokens
-    sit (what the next schedule must ask for, to take a step that was launched ahead), and its samples. Sampling
-    may be deferred (`sample` a callable): it then runs when the samples are first asked for."""
+    """A step on its way through the device: the sequences that sample in it, in row order, and its samples (rank 0
+    only). Sampling may be deferred (`sample` a callable of the rows' grammar bitmask): it then runs when the samples
+    are first asked for, with the bitmask given to `masks` meanwhile."""
 
-    def __init__(self, seqs: list[Sequence], positions: list[int],
-                 sample: Sampled | Callable[[], Sampled] | None) -> None:
-        self.seqs, self.positions = seqs, positions
+    def __init__(self, rows: list[SeqStep], sample: Sampled | Callable[[torch.Tensor | None], Sampled] | None,
+                 ) -> None:
+        self.rows = rows
         self._sampled, self._deferred = (None, sample) if callable(sample) else (sample, None)
+        self.masks: torch.Tensor | None = None
 
     @property
     def sampled(self) -> Sampled | None:
         if self._deferred is not None:
-            self._sampled, self._deferred = self._deferred(), None
+            self._sampled, self._deferred = self._deferred(self.masks), None
         return self._sampled
-
-    def serves(self, batch: list[tuple[Sequence, int]]) -> bool:
-        """Whether this step computed every sequence of `batch` as it asks: a decode at the launched position."""
-        launched = {seq.seq_id: pos for seq, pos in zip(self.seqs, self.positions, strict=True)}
-        return all(n == 1 and launched.get(seq.seq_id) == seq.num_computed for seq, n in batch)
 
     def results(self) -> dict[int, tuple[int, dict[int, float] | None, int | None]]:
         """(token, its logprobs, its rank) by seq_id, as `Sampled.result` gives them."""
-        if self.sampled is None:  # nothing sampled: every sequence ran a prefill chunk that is not its last
+        if self.sampled is None:  # nothing sampled (every sequence ran a prefill chunk), or not rank 0
             return {}
-        return {s.seq_id: (t, lp, r) for s, t, lp, r in zip(self.seqs, *self.sampled.result(), strict=True)}
+        return {r.seq_id: (t, lp, rank) for r, t, lp, rank in zip(self.rows, *self.sampled.result(), strict=True)}
 
 
 class ModelRunner:
-    """Owns the KV cache; runs decode steps through CUDA graphs when `cuda_graphs` (a GPU with the Triton backend:
-    the reference backend reads lengths on the host), every other step eagerly.
+    """Owns this rank's KV cache (its KV heads); runs decode steps through CUDA graphs on a GPU with the Triton
+    backend (the reference backend reads lengths on the host) unless config.enforce_eager, every other step eagerly.
 
-    A step can be launched ahead: the next decode of the sequences that run on (the engine picks them), fed on the
-    device with the tokens being sampled now and queued before those tokens are read back, so the device does not
-    wait for the host between steps. The next `step` takes it when its batch is those decodes or some of them (a
-    sequence that stopped or was aborted is left out). The engine admits no new sequence meanwhile and has reserved
-    the pages, so the only other case is that all of them ended: then it is dropped, and its K/V writes, at a
-    position past what each sequence had cached, in a page the sequence owned, are never read.
+    A plan may launch the next decode of some of its sequences ahead (the scheduler decides which and gave them
+    their pages): fed on the device with the tokens being sampled now and queued before those are read back, so
+    the device does not wait for the host between steps. A later plan that says `from_ahead` takes it. One that
+    does not drops it: its K/V writes, past what each sequence had cached, in pages the sequence owned, are never
+    read.
 
     A step launched ahead whose rows include a structured-output one has its forward queued at once but its
-    sampling deferred to the next `step` call: the grammar mask depends on the token sampled before it, which only
-    the host can feed to the matcher. The forward still overlaps the host's work (reading the tokens, advancing the
-    matchers, filling the next mask); only the sampling waits for the host. Penalties need no such wait: their
-    counts are updated on the device (LogitsProcessors)."""
+    sampling deferred to the next `step`: the grammar mask depends on the token sampled before it, which only the
+    host can feed to the matcher, and the next plan brings the mask. The forward still overlaps the host's work
+    (reading the tokens, advancing the matchers, filling the next mask); only the sampling waits for the host.
+    Penalties need no such wait: their counts are updated on the device (LogitsProcessors)."""
 
-    def __init__(self, model: LlamaForCausalLM, num_pages: int, page_size: int, backend: str, cuda_graphs: bool,
-                 max_seqs: int, max_model_len: int, max_tokens: int, eos_ids: set[int] = frozenset()) -> None:
-        cfg = model.config
-        self.model, self.page_size, self.backend = model, page_size, backend
-        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [tuple(torch.empty(shape, dtype=dtype, device=device) for _ in "kv")
-                          for _ in range(cfg.num_layers)]
-        self.device = device
+    def __init__(self, model: LlamaForCausalLM, num_pages: int, config: EngineConfig, max_model_len: int,
+                 eos_ids: set[int] = frozenset()) -> None:
+        attn = model.model.layers[0].self_attn
+        self.model, self.num_pages, self.page_size = model, num_pages, config.block_size
+        self.device = device = model.lm_head.weight.device
+        self.backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
+        shape = (num_pages, self.page_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_caches = [tuple(torch.empty(shape, dtype=model.lm_head.weight.dtype, device=device) for _ in "kv")
+                          for _ in range(model.config.num_layers)]
         self.generators: dict[int, torch.Generator] = {}
-        self.processors = LogitsProcessors(cfg.vocab_size, device, eos_ids)
-        if backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
-            warm_up_model(model, self.kv_caches[0], max_tokens, max_seqs)
+        self.processors = LogitsProcessors(model.config.vocab_size, device, eos_ids)
+        max_seqs = config.max_num_seqs
+        if self.backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
+            warm_up_model(model, self.kv_caches[0], config.max_num_batched_tokens, max_seqs)
         self.graphs = None
-        if cuda_graphs:
-            self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // page_size), page_size)
+        # Every rank captures the same sizes in the same order, all-reduces included (NCCL's can be captured).
+        if (not config.enforce_eager and device.type == "cuda" and self.backend == "triton"
+                and distributed.graph_capturable()):
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_seqs, -(-max_model_len // self.page_size),
+                                       self.page_size)
         self.ahead: Launched | None = None
 
-    @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]], ahead: list[Sequence] = ()
-             ) -> dict[int, tuple[int, dict[int, float] | None]]:
-        """Run `n` tokens of each sequence; returns (sampled token, its logprobs if asked) of each sequence whose
-        context is done, by seq_id. Then launches the next decode of the `ahead` sequences (each samples in this
-        step and holds a page for one more token) before waiting for this step's tokens."""
-        launched, self.ahead = self.ahead, None
-        if launched is None or not launched.serves(batch):
-            launched = self._launch(batch)
-        if ahead:
-            self.ahead = self._launch_ahead(ahead, launched)
-        results = launched.results()
-        return {seq.seq_id: results[seq.seq_id] for seq, _ in batch if seq.seq_id in results}
+    def sizes(self) -> dict[str, int]:
+        """What a decode step reads on this rank: its weights (weight_bytes: the dense ones and the MoE experts'),
+        and the K/V bytes of one cached token."""
+        dense, experts = weight_bytes(self.model)
+        k_cache = self.kv_caches[0][0]
+        kv = 2 * len(self.kv_caches) * k_cache[0, 0].numel() * k_cache.element_size()
+        return {"weight_bytes": dense, "expert_bytes": experts, "kv_bytes_per_token": kv}
 
-    def _launch(self, batch: list[tuple[Sequence, int]]) -> Launched:
-        ids, positions, slots, cu, used, tables = [], [], [], [0], [], []
-        for seq, n in batch:
-            start = seq.num_computed
-            ids += seq.token_slice(start, start + n)
-            for p in range(start, start + n):
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Run the plan: the sampled token (and its logprobs if asked) of each sequence whose context is done, and
+        the prompt logprobs its rows give. Launches the next decode of the plan's `ahead` sequences before waiting
+        for this step's tokens."""
+        out = StepOutput()
+        launched, self.ahead = self.ahead, None
+        if not plan.from_ahead:
+            launched = self._launch(plan, out)
+        elif launched is None:
+            raise RuntimeError("the plan takes a decode launched ahead, but none was launched")
+        else:
+            launched.masks = self._masks(plan, launched.rows)  # for its sampling, if deferred
+        if plan.ahead:
+            self.ahead = self._launch_ahead(plan, launched)
+        results = launched.results()
+        out.sampled = {s.seq_id: results[s.seq_id] for s in plan.seqs if s.seq_id in results}
+        return out
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Forget ended sequences' sampling state (random streams, penalty rows). A decode launched ahead for one of
+        them may still sample, for nothing: it then draws no seeded token and counts no penalty."""
+        gone = set(seq_ids)
+        for row in self.ahead.rows if self.ahead is not None else ():
+            if row.seq_id in gone:
+                row.finish_reason = "released"
+        for seq_id in seq_ids:
+            self.generators.pop(seq_id, None)
+            self.processors.release(seq_id)
+
+    def _launch(self, plan: StepPlan, out: StepOutput) -> Launched:
+        ids, positions, slots, cu, used = [], [], [], [0], []
+        for s in plan.seqs:
+            ids += s.tokens
+            for p in range(s.start, s.end):
                 positions.append(p)
-                slots.append(self._slot(seq, p))
-            cu.append(cu[-1] + n)
-            used.append(start + n)
-            tables.append(seq.pages)
-        hidden = self._forward(ids, positions, slots, cu, used, tables, max(n for _, n in batch))
-        for i, (seq, _) in enumerate(batch):
-            if seq.needs_prompt_logprobs:
-                self._prompt_logprobs(seq, hidden[cu[i]:cu[i + 1]], seq.num_computed)
-        done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq)]
+                slots.append(s.pages[p // self.page_size] * self.page_size + p % self.page_size)
+            cu.append(cu[-1] + len(s.tokens))
+            used.append(s.end)
+        hidden = self._forward(ids, positions, slots, cu, used, [s.pages for s in plan.seqs],
+                               max(len(s.tokens) for s in plan.seqs))
+        for i, s in enumerate(plan.seqs):
+            if s.prompt_logprobs_done is not None:
+                entries = self._prompt_logprobs(s, hidden[cu[i]:cu[i + 1]])
+                if entries is not None:
+                    out.prompt_logprobs[s.seq_id] = entries
+        done = [i for i, s in enumerate(plan.seqs) if s.samples]
+        if not done:
+            return Launched([], None)
         last_rows = [cu[i + 1] - 1 for i in done]
         # The last rows are distinct and increasing: as many as the rows means every row, in order (a decode batch).
         if len(last_rows) != hidden.shape[0]:
             hidden = hidden[last_rows]
-        seqs = [batch[i][0] for i in done]
-        positions = [len(s) - 1 for s in seqs]
-        return Launched(seqs, positions, self._sample(self.model.logits(hidden), seqs, positions) if seqs else None)
+        rows = [plan.seqs[i] for i in done]
+        return Launched(rows, self._sample(self.model.logits(hidden), rows, [s.end - 1 for s in rows],
+                                           self._masks(plan, rows)))
 
-    def _launch_ahead(self, seqs: list[Sequence], launched: Launched) -> Launched:
-        """The decode of each of `seqs` at position len(seq), its input token the one `launched` samples for it."""
-        tokens = launched.sampled.tokens
-        if len(seqs) != len(launched.seqs):
-            row = {s.seq_id: i for i, s in enumerate(launched.seqs)}
-            tokens = tokens[torch.tensor([row[s.seq_id] for s in seqs], device=tokens.device)]
-        positions = [len(s) for s in seqs]
-        slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
-        used = [p + 1 for p in positions]
-        tables = [s.pages for s in seqs]
-        hidden = self._forward(tokens, positions, slots, list(range(len(seqs) + 1)), used, tables, 1)
+    def _launch_ahead(self, plan: StepPlan, launched: Launched) -> Launched:
+        """The decode of each of the plan's `ahead` sequences at position start + its tokens, its input token the
+        one `launched` samples for it (broadcast from rank 0 to the other ranks, on the device)."""
+        tokens = launched.sampled.tokens if launched.sampled is not None else None
+        if distributed.world_size() > 1:
+            if tokens is None:
+                tokens = torch.empty(len(launched.rows), dtype=torch.long, device=self.device)
+            distributed.broadcast(tokens)
+        row_of = {r.seq_id: i for i, r in enumerate(launched.rows)}
+        rows = [plan.seqs[i] for i in plan.ahead]
+        picked = [row_of[r.seq_id] for r in rows]
+        if picked != list(range(len(launched.rows))):
+            tokens = tokens[torch.tensor(picked, device=tokens.device)]
+        positions = [r.end for r in rows]
+        tables = [r.pages for r in rows]
+        slots = [t[p // self.page_size] * self.page_size + p % self.page_size for t, p in zip(tables, positions)]
+        hidden = self._forward(tokens, positions, slots, list(range(len(rows) + 1)), [p + 1 for p in positions],
+                               tables, 1)
         logits = self.model.logits(hidden)  # now: a CUDA graph's output is overwritten by its next replay
-        if any(s.grammar is not None for s in seqs):
-            return Launched(seqs, positions, lambda: self._sample(logits, seqs, positions))
-        return Launched(seqs, positions, self._sample(logits, seqs, positions))
+        if logits is None:  # not rank 0
+            return Launched(rows, None)
+        if any(r.params.structured_outputs is not None for r in rows):
+            return Launched(rows, lambda masks: self._sample(logits, rows, positions, masks))
+        return Launched(rows, self._sample(logits, rows, positions, None))
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
+    def _masks(self, plan: StepPlan, rows: list[SeqStep]) -> torch.Tensor | None:
+        """The plan's grammar bitmask rows of `rows` (a row it does not hold allows every token), on the device."""
+        if plan.bitmask is None or not rows:
+            return None
+        index = {s.seq_id: i for i, s in enumerate(plan.seqs)}
+        padded = torch.cat([plan.bitmask, torch.full_like(plan.bitmask[:1], -1)])  # its last row allows every token
+        picked = torch.tensor([index.get(r.seq_id, len(plan.seqs)) for r in rows])
+        return padded[picked].to(self.device, non_blocking=True)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> Sampled:
-        chosen_from = self.processors.apply(logits, seqs, positions)
-        # A sequence that ended before a deferred sampling ran has released its generator: it draws unseeded, and its
-        # token is dropped.
-        generators = [self.generators.get(s.seq_id) for s in seqs]
-        sampled = sample(chosen_from, [s.params for s in seqs], generators, raw=logits)
-        self.processors.record(seqs, sampled.tokens)
+    def _sample(self, logits: torch.Tensor | None, rows: list[SeqStep], positions: list[int],
+                masks: torch.Tensor | None) -> Sampled | None:
+        """Sample the rows' next tokens (rank 0; the others, holding no logits, take part in gathering them only)."""
+        if logits is None:
+            return None
+        chosen_from = self.processors.apply(logits, rows, positions, masks)
+        sampled = sample(chosen_from, [r.params for r in rows], [self._generator(r) for r in rows], raw=logits)
+        self.processors.record(rows, sampled.tokens)
         return sampled
 
-    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, start: int) -> None:
-        """Append the logprobs of the prompt tokens that the chunk's rows (positions start...) predict: {token id:
-        (logprob, rank)} of the top k and of the prompt token itself (rank 1 is the likeliest), of the raw logits;
-        entry 0, for the first token, is None."""
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)
-        k = seq.params.prompt_logprobs
-        first = len(seq.prompt_logprobs) - 1 - start  # the row predicting the next missing prompt token
-        last = min(hidden.shape[0], len(seq.prompt_ids) - 1 - start)
+    def _prompt_logprobs(self, s: SeqStep, hidden: torch.Tensor) -> list[PromptLogprob] | None:
+        """The logprobs of the prompt tokens that the sequence's rows (positions start...) predict and that it still
+        lacks: {token id: (logprob, rank)} of the top k and of the prompt token itself (rank 1 is the likeliest), of
+        the raw logits; the first prompt token's entry is None. None on ranks other than 0."""
+        entries: list[PromptLogprob] = [] if s.prompt_logprobs_done else [None]
+        k = s.params.prompt_logprobs
+        first = max(s.prompt_logprobs_done, 1) - 1 - s.start  # the row predicting the next missing prompt token
+        last = min(hidden.shape[0], len(s.prompt_ids) - 1 - s.start)
         for lo in range(max(first, 0), last, PROMPT_LOGPROB_ROWS):
             hi = min(lo + PROMPT_LOGPROB_ROWS, last)
-            logprobs = torch.log_softmax(self.model.logits(hidden[lo:hi]), dim=-1)
-            targets = torch.tensor(seq.prompt_ids[start + lo + 1:start + hi + 1], device=logprobs.device)
+            logits = self.model.logits(hidden[lo:hi])
+            if logits is None:
+                continue
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(s.prompt_ids[s.start + lo + 1:s.start + hi + 1], device=logprobs.device)
             own = logprobs.gather(1, targets[:, None])
             ranks = (logprobs > own).sum(dim=-1).add_(1).tolist()
             values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
@@ -169,7 +228,8 @@ class ModelRunner:
                                                              values):
                 entry = {t: (v, r) for r, (t, v) in enumerate(zip(top_ids, top_values), 1)}
                 entry.setdefault(target, (lp, rank))
-                seq.prompt_logprobs.append(entry)
+                entries.append(entry)
+        return entries if distributed.rank() == 0 else None
 
     def _forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], cu: list[int],
                  used: list[int], tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
@@ -187,13 +247,24 @@ class ModelRunner:
         ids = ids if isinstance(ids, torch.Tensor) else to(ids, torch.long)
         return self.model(ids, to(positions, torch.long), meta, self.kv_caches)
 
-    def prepare(self, seq: Sequence) -> None:
-        """A new sequence's own sampling state, made as it is added (so that a failure is its request's alone): a
-        seeded sample's random stream. Each of a request's samples has its own, so they differ and still reproduce
-        (seed + index stays within what manual_seed takes: SamplingParams bounds seed to int64)."""
-        if seq.params.seed is not None and not seq.params.greedy:
-            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed + seq.index)
+    def _generator(self, row: SeqStep) -> torch.Generator | None:
+        if row.seed is None or row.finish_reason is not None:
+            return None  # (an ended sequence in a deferred sampling: its generator was released, its token dropped)
+        if row.seq_id not in self.generators:
+            # Each of a request's samples has its own stream, so they differ and still reproduce.
+            self.generators[row.seq_id] = torch.Generator(self.device).manual_seed(row.seed)
+        return self.generators[row.seq_id]
 
-    def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
-        self.processors.release(seq)
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the weights every decode step reads, bytes of the MoE experts'). The embedding counts only when
+    tied to the LM head (a lookup reads a few rows)."""
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and not model.config.tie_word_embeddings:
+            continue
+        if ".experts." in name:
+            experts += p.numel() * p.element_size()
+        else:
+            dense += p.numel() * p.element_size()
+    return dense, experts

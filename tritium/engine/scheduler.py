@@ -5,12 +5,21 @@ part-done prefill takes what the budget leaves. Waiting sequences are then admit
 pages and budget last. When a running sequence needs a page and none is free, the newest running sequence
 is preempted: its pages are freed and it waits at the front of the queue to be recomputed, so the oldest
 requests always make progress and none is starved.
+
+The scheduler decides everything about a step and says it in one StepPlan: which sequences, which tokens, which
+pages, and whether the next decode is launched ahead. When nothing waits and every running sequence samples in this
+step, their next decodes are launched before this step's tokens are read back (the device does not wait for the
+host between steps), each given the page for one more token now. The next step is then those decodes (of the
+sequences that did not stop), and sequences that arrive meanwhile join one step later.
 """
 
 from collections import deque
 
 from tritium.engine.page_pool import PagePool
 from tritium.engine.sequence import Sequence, Status
+from tritium.engine.step_plan import StepPlan, make_plan
+
+Batch = list[tuple[Sequence, int]]  # (sequence, tokens it runs in the step)
 
 
 class Scheduler:
@@ -23,6 +32,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.ahead: set[int] = set()  # sequences whose next decode the last step launched ahead
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -30,9 +40,34 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, admit: bool = True) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run) for the next step; non-empty whenever there is work that fits at all. With
-        `admit` False, waiting sequences wait one more step (the running ones' decodes were launched ahead)."""
+    def schedule(self) -> tuple[Batch, StepPlan]:
+        """The next step: (sequence, tokens to run) pairs, non-empty whenever there is work that fits at all, and
+        its plan. A step launched ahead is taken while any of its sequences runs on."""
+        batch = self._batch(admit=False) if self.ahead else []
+        from_ahead = bool(batch) and all(n == 1 and seq.seq_id in self.ahead for seq, n in batch)
+        if not batch:
+            batch = self._batch(admit=True)
+        ahead = self._ahead(batch)
+        self.ahead = {seq.seq_id for seq in ahead}
+        return batch, make_plan(batch, ahead, from_ahead)
+
+    def _ahead(self, batch: Batch) -> list[Sequence]:
+        """The sequences whose next decode can be launched with this step: all of them when nothing waits and every
+        running sequence samples now, less those that end on this token by length; each is given the page for one
+        more token. Empty when that is not the case or the pages are short."""
+        if self.waiting or len(batch) != len(self.running):
+            return []
+        if any(seq.num_computed + n != len(seq) for seq, n in batch):  # a prefill chunk runs on next step
+            return []
+        seqs = [seq for seq, _ in batch if len(seq.output_ids) + 1 < seq.params.max_tokens]
+        if sum(self.pages.pages_missing(seq, len(seq) + 1) for seq in seqs) > self.pages.num_free:
+            return []
+        for seq in seqs:
+            self.pages.grow(seq, len(seq) + 1)
+        return seqs
+
+    def _batch(self, admit: bool) -> Batch:
+        """(sequence, tokens to run) for the next step; with `admit` False, waiting sequences wait one more step."""
         budget = self.max_tokens
         batch: list[tuple[Sequence, int]] = []
         i = 0
@@ -59,7 +94,7 @@ class Scheduler:
             budget -= self._add(batch, seq, budget)
         return batch
 
-    def _add(self, batch: list[tuple[Sequence, int]], seq: Sequence, budget: int) -> int:
+    def _add(self, batch: Batch, seq: Sequence, budget: int) -> int:
         """Put as many of the sequence's tokens as the budget allows into the batch; returns how many."""
         n = min(seq.num_uncomputed, budget)
         batch.append((seq, n))

@@ -79,26 +79,16 @@ def _first_line(exc: Exception) -> str:
 
 
 class Bitmasks:
-    """Fills the step's token bitmask on the host from the rows' matchers and sends it to the device; one pinned
-    buffer, reused once its last copy is done."""
+    """Fills a step's token bitmask on the host from the rows' matchers (the engine puts it in the step's plan)."""
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
-        self.words, self.device = -(-vocab_size // 32), device
-        self.host = torch.empty(0, self.words, dtype=torch.int32)
-        self._copied = None
+    def __init__(self, vocab_size: int) -> None:
+        self.words = -(-vocab_size // 32)
         self._pool = None
 
     def fill(self, matchers: list) -> torch.Tensor:
-        """The bitmask [rows, ceil(vocab / 32)] on the device: bit t of row i says whether token t may come next;
+        """The bitmask [rows, ceil(vocab / 32)] int32 on the host: bit t of row i says whether token t may come next;
         rows without a matcher (None) or whose matcher has ended allow every token."""
-        rows = len(matchers)
-        if self._copied is not None:
-            self._copied.synchronize()
-        if self.host.shape[0] < rows:
-            self.host = torch.empty(max(rows, 2 * self.host.shape[0]), self.words, dtype=torch.int32,
-                                    pin_memory=self.device.type == "cuda")
-        host = self.host[:rows]
-        host.fill_(-1)
+        host = torch.full((len(matchers), self.words), -1, dtype=torch.int32)
         live = [(i, m) for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
         if len(live) >= PARALLEL_ROWS:
             if self._pool is None:
@@ -108,11 +98,7 @@ class Bitmasks:
         else:
             for i, m in live:
                 m.fill_next_token_bitmask(host, i)
-        mask = host.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        return mask
+        return host
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

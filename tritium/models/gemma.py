@@ -62,7 +62,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
             x, residual = layer(x, residual, positions, rope, meta, cache)
         return self.model.norm(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.lm_head(hidden)
         cap = self.config.final_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return cap * torch.tanh(logits / cap) if cap > 0 and logits is not None else logits

@@ -3,8 +3,9 @@ Gemma (gemma.py) and the mixture-of-experts families (moe.py).
 
 Tokens of all sequences in a step are flattened into one batch ([num_tokens, hidden]); attention goes
 through the paged KV cache (`paged_attention`), everything else is per token. q/k/v and gate/up are fused
-into one matmul each; the loader splits Hugging Face's separate weights into them. Linear layers are
-plain `nn.Linear` so column/row-parallel versions can replace them for tensor parallelism.
+into one matmul each; the loader splits Hugging Face's separate weights into them. Under tensor parallelism
+(models/parallel.py) each rank holds its slice of the heads, of the MLP and of the vocabulary; with one rank the
+parallel layers are plain ones.
 """
 
 import math
@@ -13,8 +14,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tritium import distributed
 from tritium.models.attention import AttentionMetadata, paged_attention
 from tritium.models.config import ModelConfig
+from tritium.models.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_heads_per_rank,
+)
 from tritium.ops import gelu_and_mul, rms_norm, rotary_cos_sin_cache, silu_and_mul
 
 
@@ -58,11 +67,15 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
-        self.qkv_proj.shards = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        # This rank's heads: its slice of the query heads and the KV heads they read.
+        d = self.head_dim = config.head_dim
+        self.num_heads = config.num_heads // distributed.world_size()
+        first_kv, self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads)
+        q_start = distributed.rank() * self.num_heads * d
+        kv = (first_kv * d, self.num_kv_heads * d, config.num_kv_heads * d)
+        parts = {"q": (q_start, self.num_heads * d, config.num_heads * d), "k": kv, "v": kv}
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, parts, bias=config.qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size)
         norm = (self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
         self.q_norm = RMSNorm(*norm) if config.qk_norm else None
         self.k_norm = RMSNorm(*norm) if config.qk_norm else None
@@ -88,10 +101,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
-        self.gate_up_proj.shards = {"gate": (0, size), "up": (size, size)}
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        size = config.intermediate_size // distributed.world_size()
+        part = (distributed.rank() * size, size, config.intermediate_size)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {"gate": part, "up": part}, bias=False)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
         self.act_and_mul = gelu_and_mul if config.hidden_act == "gelu_pytorch_tanh" else silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +138,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, make_layer: Callable[[ModelConfig, int], nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
 
@@ -139,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, make_layer)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # float32 whatever the model's dtype: the loader casts only parameters.
@@ -154,5 +167,6 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, meta, cache)
         return self.model.norm(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits [rows, vocab] of the hidden rows, on rank 0 (None on the other ranks)."""
+        return self.lm_head(hidden)

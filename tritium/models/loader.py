@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tritium import distributed
 from tritium.models.config import ModelConfig
 from tritium.models.gemma import GemmaForCausalLM
 from tritium.models.llama import LlamaForCausalLM, RMSNorm
 from tritium.models.moe import MoeForCausalLM
+from tritium.models.parallel import Part, VocabParallelEmbedding
 
 # Family -> model class (the Llama-like families: LlamaForCausalLM).
 MODEL_CLASSES = {"gemma2": GemmaForCausalLM, "gemma3": GemmaForCausalLM, "mixtral": MoeForCausalLM,
@@ -21,8 +23,9 @@ FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("q
 # A checkpoint's per-expert matrix: (layer, expert, matrix name). Mixtral's checkpoints call the MoE module
 # block_sparse_moe; ours, as transformers 5, mlp.
 EXPERT = re.compile(r"(?P<layer>.+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<matrix>\w+)\.weight")
-# A weight's place in a parameter: (parameter name, expert index or None, rows (start, count) or None).
-Place = tuple[str | None, int | None, tuple[int, int] | None]
+# A weight's place: (our parameter's name, the expert index in a stacked expert parameter, and the part it fills: a
+# fused projection's shard name or an expert matrix's name; None for the whole).
+Place = tuple[str | None, int | None, str | None]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -42,40 +45,59 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
-    """Instantiate the family's model on `device` in `dtype` and fill every parameter from the folder."""
+    """Instantiate the family's model on `device` in `dtype` and fill every parameter from the folder. Under tensor
+    parallelism a rank reads only its slice of each tensor from the files (memory-mapped), never the whole model."""
     model_dir = Path(model_dir)
     config = ModelConfig.load(model_dir)
     model = _build(config, dtype, device)
     params = dict(model.named_parameters())
-    unfilled = {name: p.numel() for name, p in params.items()}
+    unfilled = {name: _expected(model, name, p) for name, p in params.items()}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 if "rotary_emb" in name:
                     continue
-                target, expert, rows = _place(name, model, params)
+                target, expert, part = _place(name, model, params)
                 if target is None:
                     raise ValueError(f"{path.name}: weight {name} has no place in a {config.family} model")
-                dest = params[target].data
-                dest = dest if expert is None else dest[expert]
-                dest = dest if rows is None else dest.narrow(0, rows[0], rows[1])
-                tensor = f.get_tensor(name)
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(dest.shape)}")
-                dest.copy_(tensor)
-                unfilled[target] -= tensor.numel()
-    if config.tie_word_embeddings:
-        unfilled.pop("lm_head.weight", None)
+                dest, dim, start, full = _part(model, target, expert, part)
+                source = f.get_slice(name)
+                expected = (*dest.shape[:dim], full, *dest.shape[dim + 1:])
+                if tuple(source.get_shape()) != expected:
+                    raise ValueError(f"{path.name}: {name} has shape {tuple(source.get_shape())}, expected {expected}")
+                dest.copy_(source[(slice(None),) * dim + (slice(start, start + dest.shape[dim]),)])
+                unfilled[target] -= dest.numel()
     missing = [name for name, left in unfilled.items() if left > 0]
     if missing:
         raise ValueError(f"{model_dir}: no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return model.eval()
 
 
+def _expected(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> int:
+    """How many of a parameter's numbers the files fill: all of them, but for a vocabulary split across ranks the
+    rows past the vocabulary (padding)."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(module, VocabParallelEmbedding):
+        return module.rows * module.embedding_dim
+    return param.numel()
+
+
+def _part(model: torch.nn.Module, param: str, expert: int | None, part: str | None) -> Part:
+    """Where a weight goes in our parameter and which slice of it this rank reads (models/parallel.py's Part)."""
+    module_name, _, param_name = param.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "weight_part"):
+        return module.weight_part(param_name, part)
+    dest = getattr(module, param_name).data
+    dest = dest if expert is None else dest[expert]
+    rows = module.per_expert[part][1] if expert is not None else None
+    dest = dest if rows is None else dest.narrow(0, rows[0], rows[1])
+    return dest, 0, 0, dest.shape[0]
+
+
 def _place(name: str, model: torch.nn.Module, params: dict) -> Place:
     """Our parameter for a Hugging Face weight name, the expert it belongs to in a stacked expert parameter, and
-    the rows it fills in a fused one."""
+    the part it fills."""
     name = name.replace(".block_sparse_moe.", ".mlp.")
     if name in params:
         return name, None, None
@@ -84,8 +106,7 @@ def _place(name: str, model: torch.nn.Module, params: dict) -> Place:
         experts = f"{m['layer']}.mlp.experts"
         matrices = model.get_submodule(experts).per_expert if f"{experts}.down_proj" in params else {}
         if m["matrix"] in matrices:
-            param, rows = matrices[m["matrix"]]
-            return f"{experts}.{param}", int(m["expert"]), rows
+            return f"{experts}.{matrices[m['matrix']][0]}", int(m["expert"]), m["matrix"]
         return None, None, None
     parts = name.split(".")
     for i, part in enumerate(parts):
@@ -93,16 +114,16 @@ def _place(name: str, model: torch.nn.Module, params: dict) -> Place:
             fused, shard = FUSED[part]
             target = ".".join(parts[:i] + [fused] + parts[i + 1:])
             if target in params:
-                return target, None, model.get_submodule(target.rsplit(".", 1)[0]).shards[shard]
+                return target, None, shard
     return None, None, None
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
                  ) -> LlamaForCausalLM:
     """Seeded random weights in the family's shape (matrices normal with std 0.02, norms the identity): benchmarks
-    of a real model's shape with nothing downloaded."""
+    of a real model's shape with nothing downloaded. Each tensor-parallel rank draws its own slices (seed + rank)."""
     model = _build(config, dtype, device)
-    g = torch.Generator(device).manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed + distributed.rank())
     for name, param in model.named_parameters():
         owner = model.get_submodule(name.rsplit(".", 1)[0])
         if isinstance(owner, RMSNorm):

@@ -126,10 +126,12 @@ class AsyncEngine:
         self._send(("drain", time.monotonic() + timeout))
 
     def shutdown(self) -> None:
-        """Stop the loop; requests still queued or running fail with ServerShuttingDown."""
+        """Stop the loop (and the engine's tensor-parallel ranks); requests still queued or running fail with
+        ServerShuttingDown."""
         self._stopped = True
         self._send(("stop",))
         self._thread.join()
+        self.engine.shutdown()
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
