@@ -58,6 +58,25 @@ def test_bench_kernels_quick_on_cpu(tmp_path, capsys):
     assert 0 <= row["rel_err"]["tritium"] < 1e-2
 
 
+@cpu_only
+def test_bench_kernels_fp8_peers_on_cpu(tmp_path, capsys):
+    """Tritium's fp8 variants run when named, against Tritium in the batch's dtype: within the fp8 bound of the
+    unrounded batch's reference, with their speed-up over it printed."""
+    out = tmp_path / "results"
+    assert main(["bench", "kernels", "--quick", "--scenario", "decode b1 ", "--peer", "tritium_fp8kv", "--peer",
+                 "tritium_fp8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(next(out.glob("*.json")).read_text())
+    assert list(report["peers"]) == ["tritium", "tritium_fp8kv", "tritium_fp8"]
+    assert report["fp8_peers"] == ["tritium_fp8kv", "tritium_fp8"]
+    (row,) = report["scenarios"]
+    assert row["errors"] == {}
+    for peer in ("tritium_fp8kv", "tritium_fp8"):
+        assert row["ms"][peer] > 0 and 1e-3 < row["rel_err"][peer] < 8e-2  # fp8's rounding shows, within bounds
+    assert "tritium_fp8 ms" in printed
+    assert re.search(r"decode b1 ctx8k .* \d+\.\d{4} \(\d+\.\d\dx\) +\d+\.\d{4} \(\d+\.\d\dx\)", printed)
+
+
 def test_bench_kernels_unknown_scenario(tmp_path, capsys):
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as exc:

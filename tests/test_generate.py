@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.engine.helpers import assert_greedy_equals_transformers
@@ -156,6 +157,19 @@ def _session_processes(session: int) -> list[int]:
     return found
 
 
+def test_kv_cache_dtype_option(llm, tmp_path):
+    """--kv-cache-dtype fp8 reaches the engine: the JSONL results are those of LLM(kv_cache_dtype="fp8")."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "The while loop"}) + "\n")
+    assert main(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0", "--max-tokens", "6",
+                 "--ignore-eos", "--kv-cache-dtype", "fp8", "--calculate-kv-scales"]) == 0
+    fp8 = LLM(default_model_path(), kv_cache_dtype="fp8", calculate_kv_scales=True)
+    assert fp8.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = fp8.generate("The while loop", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert json.loads(dst.read_text())["token_ids"] == expected
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ('{"prompt": "a"}\n{"prompt": 3}\n', "in.jsonl:2: 'prompt' must be a string"),
     ('{"prompt": "a"}\nnot json\n', "in.jsonl:2: not JSON"),
@@ -191,6 +205,8 @@ def test_bad_jsonl_is_named_by_line_before_the_model_loads(tmp_path, capsys, mon
     (["hello", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["hello", "--model", "/nonexistent/folder"], "tritium generate: no such path: /nonexistent/folder"),
     (["hello", "--skip-tokenizer-init"], "--skip-tokenizer-init goes with --input"),
+    (["hello", "--calculate-kv-scales"], "calculate_kv_scales needs an fp8 KV cache"),
+    (["hello", "--kv-cache-dtype", "fp8_e5m2"], "invalid choice: 'fp8_e5m2'"),
 ])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

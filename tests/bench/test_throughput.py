@@ -2,6 +2,8 @@
 of Tritium's weights onto transformers' model, the model shapes, the command's argument checks, and a tensor-parallel
 run on the CPU (a check of the code path)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -126,6 +128,7 @@ def test_bench_throughput_needs_a_gpu(capsys):
     (False, {}, "batch"), (True, {"block_size": 16}, "single"), (False, {"enforce_eager": True}, "batch-eager"),
     (True, {"block_size": 64, "enforce_eager": False}, "single-page64"),
     (False, {"tensor_parallel_size": 4}, "batch-tp4"),
+    (False, {"kv_cache_dtype": "fp8"}, "batch-kvfp8"), (False, {"kv_cache_dtype": "fp8_e4m3"}, "batch-kvfp8"),
 ])
 def test_result_names_tell_modes_apart(single, options, mode):
     env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-27 12:00 UTC", "commit": "abc1234"}
@@ -134,7 +137,7 @@ def test_result_names_tell_modes_apart(single, options, mode):
 
 
 def test_two_ranks_on_the_cpu_report_their_roofline_and_all_reduce_share(tmp_path):
-    folder = default_model_path()
+    folder = Path(default_model_path())
     config = EngineConfig(device="cpu", tensor_parallel_size=2, max_num_seqs=4)
     report = run_throughput_bench(str(folder), Workload(3, (6, 12), (4, 8)), out_dir=tmp_path, config=config)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:  # float32 on the CPU: 4 bytes a weight

@@ -19,6 +19,7 @@ def test_defaults_and_dtype_resolution():
     ("max_model_len", 0), ("num_kv_pages", "8"), ("enable_prefix_caching", 1), ("enforce_eager", "yes"),
     ("gpu_memory_utilization", 0.0), ("gpu_memory_utilization", 1.5), ("attention_backend", "flash"),
     ("tensor_parallel_size", 0), ("tensor_parallel_size", 2.0),
+    ("kv_cache_dtype", "fp8_e5m2"), ("kv_cache_dtype", torch.float8_e4m3fn), ("calculate_kv_scales", 1),
 ])
 def test_bad_values_are_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -29,3 +30,10 @@ def test_from_options_names_unknown_options():
     assert EngineConfig.from_options(block_size=4).block_size == 4
     with pytest.raises(ValueError, match="unknown engine option 'blok_size'"):
         EngineConfig.from_options(blok_size=4)
+
+
+def test_kv_cache_dtype():
+    assert EngineConfig().torch_kv_dtype(torch.bfloat16) == torch.bfloat16
+    for name in ("fp8", "fp8_e4m3"):
+        assert EngineConfig(kv_cache_dtype=name).torch_kv_dtype(torch.float32) == torch.float8_e4m3fn
+    assert EngineConfig(kv_cache_dtype="fp8", calculate_kv_scales=True).calculate_kv_scales

@@ -62,7 +62,8 @@ def test_demo_model_two_ranks_equal_one():
     assert re.fullmatch(r"(ab|cd){2,5}", two[3].outputs[0].text)
     assert one[2].prompt_logprobs[0] is None and len(one[2].prompt_logprobs) == len(one[2].prompt_token_ids)
     for x, y in zip(one[2].prompt_logprobs[1:], two[2].prompt_logprobs[1:], strict=True):
-        assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 and x[t].rank == y[t].rank for t in x)
+        assert x.keys() == y.keys()
+        assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 and x[t].rank == y[t].rank for t in x)
     assert llm.engine.pages.num_free == llm.engine.pages.num_pages
     llm.engine.shutdown()
     assert wait_gone(pids, 1.0)  # shutdown waited for them

@@ -39,7 +39,8 @@ def test_step_shapes_fit_the_budget():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_no_step_compiles_after_the_warm_up():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_no_step_compiles_after_the_warm_up(kv_cache_dtype):
     from tritium.engine.config import EngineConfig
     from tritium.engine.llm_engine import LLMEngine
     from tritium.engine.sampling_params import SamplingParams
@@ -51,7 +52,7 @@ def test_no_step_compiles_after_the_warm_up():
                    for cache in fn.device_caches.values())
 
     config = EngineConfig(skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=512,
-                          gpu_memory_utilization=0.3)
+                          gpu_memory_utilization=0.3, kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(shape_config("llama-3.2-1b"), config)
     before = compiled()
     g = torch.Generator().manual_seed(0)

@@ -19,8 +19,10 @@ TARGET = ("cuda", 90, 32)  # H100 / H200
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 
 # Attention cases: q dtype, kv dtype (None: q's), head size, q heads, kv heads, page size, config
-# (block_m, tile_k, num_splits, num_warps, num_stages, page_lookahead), features. Shapes and configs as the GPU
-# meets them.
+# (block_m, tile_k, num_splits, num_warps, num_stages, page_lookahead, tma), features. Shapes and configs as the GPU
+# meets them. Features may name the output's dtype ("out": fp8 takes an output_scale) and the dots' ("dots": what
+# `dot_dtype` picks for an fp8 query on a GPU with fp8 tensor cores, or without; on CPU tensors it would pick
+# float32, the interpreter's).
 _DECODE = (16, 64, 4, 4, 3, 0)
 _PREFILL = (128, 64, 1, 8, 3, 1)
 _LARGE_HEAD = (64, 32, 1, 4, 2)
@@ -50,6 +52,20 @@ ATTENTION_CASES = {
     "noncausal_window": ("bfloat16", None, 128, 32, 8, 16, _PREFILL, {"causal": False, "window": (128, 128)}),
     "noncausal_window_left": ("bfloat16", None, 128, 32, 8, 16, _DECODE, {"causal": False, "window": (300, -1)}),
     "noncausal_window_right": ("float16", None, 64, 8, 8, 16, _PREFILL, {"causal": False, "window": (-1, 20)}),
+    "fp8_pages_tma_page64": ("bfloat16", "float8_e4m3fn", 128, 32, 8, 64, (64, 64, 1, 4, 3, 1, 1), {}),
+    "fp8_out_bf16_q_split4": ("bfloat16", "float8_e4m3fn", 128, 32, 8, 16, _DECODE,
+                              {"out": "float8_e4m3fn", "sinks": True}),
+    "fp8_q_bf16_pages_decode": ("float8_e4m3fn", "bfloat16", 128, 32, 8, 16, _DECODE, {}),
+    "fp8_q_fp8_dots_decode": ("float8_e4m3fn", None, 128, 32, 8, 16, _DECODE, {"dots": "float8_e4m3fn"}),
+    "fp8_q_fp8_dots_prefill_everything": ("float8_e4m3fn", None, 128, 32, 8, 16, _PREFILL,
+                                          {"dots": "float8_e4m3fn", "window": (1023, 0), "softcap": 20.0,
+                                           "alibi": True, "sinks": True}),
+    "fp8_q_fp8_dots_tma_fp8_out": ("float8_e4m3fn", None, 128, 32, 8, 64, (128, 64, 1, 8, 3, 1, 1),
+                                   {"dots": "float8_e4m3fn", "out": "float8_e4m3fn"}),
+    "fp8_q_fp8_dots_d64_tile32": ("float8_e4m3fn", None, 64, 16, 16, 32, (64, 32, 1, 4, 3, 1),
+                                  {"dots": "float8_e4m3fn", "causal": False}),
+    "fp8_q_bf16_dots_prefill": ("float8_e4m3fn", None, 128, 32, 8, 16, _PREFILL, {"dots": "bfloat16"}),
+    "fp8_q_fp8_dots_d256": ("float8_e4m3fn", None, 256, 8, 2, 64, _LARGE_HEAD, {"dots": "float8_e4m3fn"}),
 }
 # write_kv_cache cases: source dtype, cache dtype, kv heads, head size, page size, slot dtype.
 KV_CACHE_CASES = {
@@ -68,6 +84,7 @@ GLUE_CASES = {
     "rotary_bf16_d128_g4": ("rotary_and_cache", "bfloat16", (32, 8, 128, 16, "int64")),
     "rotary_fp16_d80_g5_int32": ("rotary_and_cache", "float16", (20, 4, 80, 16, "int32")),
     "rotary_bf16_d256_mqa": ("rotary_and_cache", "bfloat16", (64, 1, 256, 64, "int64")),
+    "rotary_bf16_d128_fp8_cache": ("rotary_and_cache", "bfloat16", (32, 8, 128, 16, "int64", "float8_e4m3fn")),
     "silu_and_mul_bf16_14336": ("silu_and_mul", "bfloat16", (4, 14336)),
     "silu_and_mul_fp16_112": ("silu_and_mul", "float16", (4, 112)),
     "gelu_and_mul_bf16_14336": ("gelu_and_mul", "bfloat16", (4, 14336)),
@@ -127,18 +144,29 @@ def _install_compiler():
 def _run_attention(case):
     import torch
 
+    import tritium.ops.attention.unified as unified
     from tritium.ops import AttentionConfig, unified_attention
     from tritium.ops.attention.batches import random_paged_batch
 
     q_dtype, kv_dtype, d, hq, hkv, page, config, features = case
     batch = random_paged_batch([(5, 40), (1, 17)], hq, hkv, d, page, dtype=getattr(torch, q_dtype),
                                kv_dtype=None if kv_dtype is None else getattr(torch, kv_dtype))
-    out = torch.empty_like(batch.q)
+    out_dtype = getattr(torch, features.get("out", "bfloat16" if q_dtype == "float8_e4m3fn" else q_dtype))
+    out = torch.empty(batch.q.shape, dtype=out_dtype)
     args = batch.kernel_args(out, causal=features.get("causal", True), window_size=features.get("window", (-1, -1)),
                              softcap=features.get("softcap", 0.0))
-    unified_attention(*args, torch.full((hq,), 0.1) if features.get("alibi") else None,
-                      torch.zeros(hq) if features.get("sinks") else None,
-                      return_lse=True, config=AttentionConfig(*config))
+    choose_dots = unified.dot_dtype
+    if "dots" in features:
+        unified.dot_dtype = lambda q, k, config: getattr(torch, features["dots"])
+        unified._PLANS.clear()
+    try:
+        unified_attention(*args, torch.full((hq,), 0.1) if features.get("alibi") else None,
+                          torch.zeros(hq) if features.get("sinks") else None,
+                          output_scale=torch.ones(1) if out_dtype == torch.float8_e4m3fn else None,
+                          return_lse=True, config=AttentionConfig(*config))
+    finally:
+        unified.dot_dtype = choose_dots
+        unified._PLANS.clear()
 
 
 def _run_kv_cache(case):
@@ -170,11 +198,11 @@ def _run_glue(case):
         _launch_rms_norm(x, torch.ones(shape[-1]).to(dtype), 1e-6, x.clone() if residual else None, out,
                          torch.empty_like(x) if residual else None, unit_offset)
     elif op == "rotary_and_cache":
-        hq, hkv, d, page, slot = sizes
+        hq, hkv, d, page, slot, *cache = sizes
         q, k = torch.randn(4, hq, d).to(dtype), torch.randn(4, hkv, d).to(dtype)
-        k_cache = torch.zeros(2, page, hkv, d).to(dtype)
+        k_cache = torch.zeros(2, page, hkv, d).to(getattr(torch, cache[0]) if cache else dtype)
         _launch_rotary_and_cache(q, k, k.clone(), torch.arange(4), torch.ones(16, d), k_cache, k_cache.clone(),
-                                 torch.arange(4).to(getattr(torch, slot)))
+                                 torch.arange(4).to(getattr(torch, slot)), torch.ones(1), torch.ones(1))
     else:
         tokens, intermediate = sizes
         activation = "gelu_tanh" if op == "gelu_and_mul" else "silu"

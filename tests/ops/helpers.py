@@ -6,17 +6,30 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from tritium.ops import AttentionConfig, attention_reference, unified_attention
 from tritium.ops.attention.batches import PagedBatch
+from tritium.ops.attention.unified import dot_dtype
 
 NAN = float("nan")
+FP8 = torch.float8_e4m3fn
 
-# Bounds on ||out - ref|| / ||ref|| over the valid rows, by query dtype. The interpreter computes in fp32,
-# so float32 is tight; float16/bfloat16 lose precision where P is cast to q's dtype for the P @ V product.
-OUT_BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# Bounds on |lse - ref_lse| / max(1, |ref_lse|): scores are fp32 sums of exact products in every dtype.
-LSE_BOUND = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Bounds on ||out - ref|| / ||ref|| over the valid rows, by the dtype the dots run in (q's, or for an fp8 query
+# `dot_dtype`'s). The interpreter computes in fp32, so float32 is tight; float16/bfloat16 lose precision where P is
+# cast for the P @ V product; fp8 dots (a GPU's) round P to e4m3's 3 mantissa bits (up to 2^-4 of each weight, the
+# errors of many keys averaging out).
+OUT_BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, FP8: 5e-2}
+# Bounds on |lse - ref_lse| / max(1, |ref_lse|): scores are fp32 sums of exact products in every dtype (fp8 products
+# too: e4m3 times e4m3 is exact in fp32; Hopper's fp8 accumulation keeps fewer bits).
+LSE_BOUND = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, FP8: 2e-3}
+
+
+def judged_dtype(batch: PagedBatch, config: AttentionConfig | None = None) -> torch.dtype:
+    """The dtype whose bounds judge a call on this batch: the one its dots run in (with the largest tile when no
+    config is given: fp8 dots on a GPU that has them, the looser bound)."""
+    return dot_dtype(batch.q, batch.k_cache, config or AttentionConfig(128, 64))
 
 
 @dataclass(frozen=True)
@@ -58,16 +71,23 @@ def softmax_scale(batch: PagedBatch, features: Features) -> float:
     return features.scale if features.scale is not None else batch.q.shape[-1] ** -0.5
 
 
+def poisoned_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An output for q, all NaN (fp8's NaN too), in `dtype` (default q's; for an fp8 q, float32)."""
+    dtype = dtype or (torch.float32 if q.dtype == FP8 else q.dtype)
+    return torch.full(q.shape, NAN, device=q.device).to(dtype)
+
+
 def attend(batch: PagedBatch, features: Features = PLAIN, extras: Extras | None = None,
            config: AttentionConfig | None = None, out: torch.Tensor | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           output_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernel into an output poisoned with NaN (or into `out`, as it is); returns (out, lse)."""
     extras = extras or Extras()
     if out is None:
-        out = torch.full_like(batch.q, NAN)
+        out = poisoned_like(batch.q)
     args = batch.kernel_args(out, causal=features.causal, window_size=features.window, softcap=features.softcap,
                              softmax_scale=softmax_scale(batch, features))
-    result, lse = unified_attention(*args, extras.alibi_slopes, extras.sinks, return_lse=True, config=config)
+    result, lse = unified_attention(*args, extras.alibi_slopes, extras.sinks, output_scale=output_scale,
+                                    return_lse=True, config=config)
     assert result is out, "unified_attention must return the `out` it was given"
     assert lse.shape == (batch.q.shape[1], batch.q.shape[0]) and lse.dtype == torch.float32
     return out, lse
@@ -81,7 +101,28 @@ def reference(batch: PagedBatch, features: Features = PLAIN, extras: Extras | No
         batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.seqused_k, batch.block_table,
         softmax_scale(batch, features), causal=features.causal, window_size=features.window,
         softcap=features.softcap, alibi_slopes=extras.alibi_slopes, sinks=extras.sinks,
-        k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=dtype)
+        q_scale=batch.q_scale, k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=dtype)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x converted by Triton's own `.to(dtype)` on this backend: in the interpreter, its (wrong) fp32 -> fp8
+    rounding, which kernels that quantise are judged against on the CPU."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    return y
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that NaN compares equal to NaN."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -126,7 +167,7 @@ def check(batch: PagedBatch, out: torch.Tensor, ref: torch.Tensor, lse: torch.Te
     n = batch.num_valid_tokens
     check_untouched_and_finite(batch, out, lse, what)
     return check_close(out[:n], ref[:n], None if lse is None else lse[:, :n],
-                       None if ref_lse is None else ref_lse[:, :n], batch.q.dtype, bound, lse_bound, what)
+                       None if ref_lse is None else ref_lse[:, :n], judged_dtype(batch), bound, lse_bound, what)
 
 
 def attend_and_check(batch: PagedBatch, features: Features = PLAIN, gen: torch.Generator | None = None,
@@ -180,6 +221,7 @@ def static_like(batch: PagedBatch, num_blocks: int, max_blocks: int) -> PagedBat
         max_seqlen_q=batch.q.shape[0], max_seqlen_k=max_blocks * k.shape[1],
         k_scale=None if batch.k_scale is None else torch.empty_like(batch.k_scale),
         v_scale=None if batch.v_scale is None else torch.empty_like(batch.v_scale),
+        q_scale=None if batch.q_scale is None else torch.empty_like(batch.q_scale),
     )
     load_into(static, batch)
     return static
@@ -200,7 +242,7 @@ def load_into(static: PagedBatch, batch: PagedBatch) -> PagedBatch:
     static.seqused_k.copy_(batch.seqused_k)
     static.block_table.fill_(static.k_cache.shape[0] - 1)  # stale entries point at a NaN page
     static.block_table[:, :max_blocks].copy_(batch.block_table)
-    for name in ("k_scale", "v_scale"):
+    for name in ("k_scale", "v_scale", "q_scale"):
         if getattr(batch, name) is not None:
             getattr(static, name).copy_(getattr(batch, name))
     return dataclasses.replace(batch, k_cache=static.k_cache, v_cache=static.v_cache,
@@ -210,10 +252,11 @@ def load_into(static: PagedBatch, batch: PagedBatch) -> PagedBatch:
 # --- Sampling sequences and query rows of a large batch, for a cheap reference (GPU tests) ---
 
 
-def _take_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    if cache.dtype == torch.float8_e4m3fn:  # index through the bytes: no fp8 indexing kernel needed
-        return cache.view(torch.uint8)[pages].view(cache.dtype).cpu()
-    return cache[pages].cpu()
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] on the CPU."""
+    if t.dtype == torch.float8_e4m3fn:  # index through the bytes: no fp8 indexing kernel needed
+        return t.view(torch.uint8)[index].view(t.dtype).cpu()
+    return t[index].cpu()
 
 
 def sub_batch(batch: PagedBatch, picks: list, causal: bool = True) -> tuple[PagedBatch, torch.Tensor]:
@@ -247,8 +290,8 @@ def sub_batch(batch: PagedBatch, picks: list, causal: bool = True) -> tuple[Page
     flat = torch.cat(pages).to(batch.k_cache.device)
     rows = torch.cat(rows)
     sub = PagedBatch(
-        q=batch.q[rows.to(batch.q.device)].cpu(),
-        k_cache=_take_pages(batch.k_cache, flat), v_cache=_take_pages(batch.v_cache, flat),
+        q=_take(batch.q, rows.to(batch.q.device)),
+        k_cache=_take(batch.k_cache, flat), v_cache=_take(batch.v_cache, flat),
         cu_seqlens_q=torch.tensor(new_cu, dtype=torch.int32),
         seqused_k=torch.tensor(contexts, dtype=torch.int32),
         block_table=block_table,
@@ -256,6 +299,7 @@ def sub_batch(batch: PagedBatch, picks: list, causal: bool = True) -> tuple[Page
         max_seqlen_k=max(contexts),
         k_scale=None if batch.k_scale is None else batch.k_scale.cpu(),
         v_scale=None if batch.v_scale is None else batch.v_scale.cpu(),
+        q_scale=None if batch.q_scale is None else batch.q_scale.cpu(),
     )
     return sub, rows
 
@@ -269,4 +313,4 @@ def check_sampled(batch: PagedBatch, out: torch.Tensor, lse: torch.Tensor, picks
     sub, rows = sub_batch(batch, picks, causal=features.causal)
     ref, ref_lse = reference(sub, features, extras, dtype=ref_dtype)
     rows = rows.to(out.device)
-    return check_close(out[rows], ref, lse[:, rows], ref_lse, batch.q.dtype, bound, what=what)
+    return check_close(out[rows], ref, lse[:, rows], ref_lse, judged_dtype(batch), bound, what=what)

@@ -164,15 +164,13 @@ def test_tma_features(name, gen, descriptors):
     assert len(descriptors) == 2
 
 
-@pytest.mark.parametrize("case", ["tile_spans_pages", "head_size_80", "fp8_cache", "strided_cache"])
+@pytest.mark.parametrize("case", ["tile_spans_pages", "head_size_80", "strided_cache"])
 def test_tma_falls_back_to_pointer_loads(case, gen, descriptors):
     """Where a descriptor cannot fetch the tile, tma=1 takes the pointer loads, with the same answer."""
-    hq, hkv, d, page, kv_dtype, dtype = 4, 2, 32, 16, None, torch.float32
+    hq, hkv, d, page, dtype = 4, 2, 32, 16, torch.float32
     if case == "head_size_80":
         d = 80
-    if case == "fp8_cache":
-        kv_dtype, dtype = FP8, torch.float16
-    batch = batch_of(MIXED, gen, hq=hq, hkv=hkv, d=d, page=page, dtype=dtype, kv_dtype=kv_dtype)
+    batch = batch_of(MIXED, gen, hq=hq, hkv=hkv, d=d, page=page, dtype=dtype)
     if case == "strided_cache":  # K and V as halves of one [blocks, page, 2, heads, d] buffer
         kv = torch.stack([batch.k_cache, batch.v_cache], dim=2)
         batch = type(batch)(**{**batch.__dict__, "k_cache": kv[:, :, 0], "v_cache": kv[:, :, 1]})
@@ -469,8 +467,8 @@ ERRORS = {
     "cu_seqlens_other_device": (lambda a: {"cu_seqlens_q": _meta(a["cu_seqlens_q"])}, r"^cu_seqlens_q is on meta"),
     "q_float64": (lambda a: {"q": a["q"].double(), "out": a["out"].double()}, r"^q has dtype"),
     "q_int": (lambda a: {"q": a["q"].int(), "out": a["out"].int()}, r"^q has dtype"),
-    "q_fp8": (lambda a: {"q": a["q"].to(torch.float8_e4m3fn), "out": a["out"].to(torch.float8_e4m3fn)},
-              r"^q has dtype"),
+    "q_fp8_without_descale": (lambda a: {"q": a["q"].to(FP8)}, r"^q_descale must be a float32 tensor .*fp8 query"),
+    "q_float8_e5m2": (lambda a: {"q": a["q"].to(torch.float8_e5m2)}, r"^q has dtype"),
     "q_2d": (lambda a: {"q": a["q"].flatten(1), "out": a["out"].flatten(1)}, r"^q must be \[num_tokens"),
     "q_4d": (lambda a: {"q": a["q"][None], "out": a["out"][None]}, r"^q must be \[num_tokens"),
     "out_shape": (lambda a: {"out": a["out"][:-1]}, r"^out must match q"),
@@ -506,7 +504,7 @@ ERRORS = {
     "window_below_minus_one": (lambda a: {"window_size": (-2, 0)}, r"^window_size must be"),
     "window_right_below_minus_one": (lambda a: {"window_size": (4, -3)}, r"^window_size must be"),
     "window_three": (lambda a: {"window_size": (1, 2, 3)}, r"^window_size must be"),
-    "q_descale": (lambda a: {"q_descale": torch.ones(1)}, r"^q_descale is not supported"),
+    "q_descale": (lambda a: {"q_descale": torch.ones(1)}, r"^q_descale goes with an fp8 query"),
 }
 
 

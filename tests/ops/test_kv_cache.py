@@ -5,10 +5,8 @@ import os
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from tests.ops.helpers import NAN, OUT_BOUND, check, reference
+from tests.ops.helpers import NAN, OUT_BOUND, bits, check, reference, triton_cast
 from tritium.ops import unified_attention, write_kv_cache
 from tritium.ops.attention.batches import PagedBatch
 
@@ -17,24 +15,6 @@ FP8_MAX = 448.0
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
-def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def triton_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x converted by Triton's own `.to(dtype)` on this backend (the conversion write_kv_cache uses)."""
-    x = x.contiguous()
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    return y
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that NaN compares equal to NaN."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def poisoned_cache(num_pages, page, hkv, d, dtype):

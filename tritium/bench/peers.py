@@ -3,9 +3,12 @@
 A peer's `build(batch, scenario)` returns `(run, result)`: `run()` is what gets timed; `result()` gives the
 output as [num_tokens, num_q_heads, head_size] for the correctness check. It returns None where the peer
 cannot express the scenario (a dense SDPA batch of unequal sequences, say). Peers whose package does not
-import are left out of the run and named in the report.
+import are left out of the run and named in the report. Tritium's fp8 variants run when `--peer` names them:
+they time the same scenario with its K/V pages (and query) rounded to fp8 e4m3, against Tritium in the batch's
+dtype in the same run.
 """
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
@@ -16,6 +19,8 @@ import torch
 from tritium.bench.scenarios import Scenario
 from tritium.ops import unified_attention
 from tritium.ops.attention.batches import PagedBatch
+from tritium.ops.attention.configs import choose_config
+from tritium.ops.kv_cache import quantize_fp8
 
 Built = tuple[Callable[[], object], Callable[[], torch.Tensor]] | None
 
@@ -26,12 +31,40 @@ class Peer:
     description: str
     build: Callable[[PagedBatch, Scenario], Built]
     module: str | None = None  # the package that must import for this peer to run
+    default: bool = True  # runs unless --peer names others; False: only when named
+    fp8: bool = False  # times fp8 inputs: judged by the looser FP8 bound (their rounding alone costs ~4%)
 
 
 def _tritium(batch: PagedBatch, sc: Scenario) -> Built:
     out = torch.empty_like(batch.q)
     args = batch.kernel_args(out, window_size=sc.window_size)
     return (lambda: unified_attention(*args)), (lambda: out)
+
+
+def _tritium_fp8(query: bool, fp8_dot: int = 1) -> Callable[[PagedBatch, Scenario], Built]:
+    """Tritium over the batch with its K/V pages (and with `query`, its query) in fp8 e4m3, each with a per-tensor
+    scale from its data; the output in the batch's dtype. fp8_dot=0 keeps the dots out of fp8 tensor cores."""
+    def build(batch: PagedBatch, sc: Scenario) -> Built:
+        fp8 = dataclasses.replace(batch, k_cache=None, v_cache=None)
+        fp8.k_cache, fp8.k_scale = _fp8(batch.k_cache)
+        fp8.v_cache, fp8.v_scale = _fp8(batch.v_cache)
+        if query:
+            fp8.q, fp8.q_scale = _fp8(batch.q)
+        out = torch.empty_like(batch.q)
+        args = fp8.kernel_args(out, window_size=sc.window_size)
+        num_tokens, hq, d = batch.q.shape
+        config = choose_config(batch.q.device, num_tokens, batch.seqused_k.numel(), hq, batch.k_cache.shape[2], d,
+                               batch.k_cache.shape[1])
+        config = dataclasses.replace(config, fp8_dot=fp8_dot)
+        return (lambda: unified_attention(*args, config=config)), (lambda: out)
+
+    return build
+
+
+def _fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in fp8 e4m3 and its float32 scale (its largest magnitude maps to 224; NaN stays NaN)."""
+    scale = (x.float().nan_to_num().abs().amax() / 224.0).reshape(1)
+    return quantize_fp8(x, scale), scale
 
 
 def _contiguous_kv(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,6 +185,12 @@ def _first(result: object) -> torch.Tensor:
 
 PEERS = [
     Peer("tritium", "Tritium's unified Triton kernel, default configs", _tritium),
+    Peer("tritium_fp8kv", "Tritium, fp8 K/V pages (the engine's --kv-cache-dtype fp8)", _tritium_fp8(False),
+         default=False, fp8=True),
+    Peer("tritium_fp8", "Tritium, fp8 query and K/V pages: fp8 dots where the device has them", _tritium_fp8(True),
+         default=False, fp8=True),
+    Peer("tritium_fp8_bf16dot", "Tritium, fp8 query and K/V pages, dots in bfloat16 (fp8_dot=0)",
+         _tritium_fp8(True, fp8_dot=0), default=False, fp8=True),
     Peer("fa3", "FlashAttention-3, paged KV through page_table, num_splits=0", _fa3, "flash_attn_interface"),
     Peer("fa3_contig", "FlashAttention-3 varlen on contiguous K/V", _fa3_contig, "flash_attn_interface"),
     Peer("vllm_triton", "vLLM's unified Triton attention kernel", _vllm_triton, "vllm"),
@@ -166,9 +205,9 @@ def available_peers(device: torch.device, names: list[str] | None = None) -> tup
     """The peers that can run here (Tritium always; the others need CUDA and their package), and why not the rest."""
     chosen, missing = [], []
     for peer in PEERS:
-        if names and peer.name not in names:
+        if (names and peer.name not in names) or (not names and not peer.default):
             continue
-        if peer.name != "tritium" and device.type != "cuda":
+        if not peer.name.startswith("tritium") and device.type != "cuda":
             missing.append(f"{peer.name} (needs CUDA)")
             continue
         if peer.module is not None:

@@ -87,7 +87,8 @@ def run_throughput_bench(
     cfg = engine.model_config
     requests = workload.requests(cfg.vocab_size)
     _warm_up(engine, requests)
-    sizes = engine.runner.sizes()  # of the rank that reads the most
+    sizes = engine.runner.sizes()  # of the rank that reads the most; an fp8 cache's K/V bytes are half
+    kv_dtype = config.torch_kv_dtype(config.torch_dtype(device))
 
     steps, start = [], time.perf_counter()
     for i, (ids, n_out) in enumerate(requests):
@@ -117,10 +118,16 @@ def run_throughput_bench(
         "environment": env, "ceilings": ceilings, "model": model, "workload": workload.__dict__, "single": single,
         "engine_config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
         "tensor_parallel_size": tp, "rank_bytes": sizes,
+        "kv_cache": {"dtype": str(kv_dtype).removeprefix("torch."), "pages": engine.pages.num_pages,
+                     "page_size": engine.pages.page_size,
+                     "tokens": engine.pages.num_pages * engine.pages.page_size},
         "tritium": {
             "seconds": elapsed, "requests_per_s": len(requests) / elapsed, "output_tokens_per_s": n_out / elapsed,
             "total_tokens_per_s": (n_in + n_out) / elapsed, "steps": len(steps), "decode_steps": len(decode),
             **_medians(decode),
+            # the decode-only steps alone: where the K/V read dominates a long-context batch (prefills excluded)
+            "decode_output_tokens_per_s": (1e3 * sum(r["tokens"] for r in decode) / sum(r["ms"] for r in decode)
+                                           if decode else math.nan),
         },
         "steps": steps,
     }
@@ -176,12 +183,13 @@ def active_expert_share(config: ModelConfig, num_tokens: int) -> float:
 
 
 def result_name(env: dict, model: str, single: bool, config: EngineConfig) -> str:
-    """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16, tensor
-    parallelism), date, commit,
-    so that runs of one commit in different modes do not overwrite each other."""
+    """The results' file stem: card, model, mode (single or batch, eager, a page size other than 16, an fp8 KV cache,
+    tensor parallelism), date, commit, so that runs of one commit in different modes do not overwrite each other."""
     mode = ("single" if single else "batch") + ("-eager" if config.enforce_eager else "")
     if config.block_size != 16:
         mode += f"-page{config.block_size}"
+    if config.kv_cache_dtype != "auto":
+        mode += "-kv" + config.kv_cache_dtype.split("_")[0]
     if config.tensor_parallel_size > 1:
         mode += f"-tp{config.tensor_parallel_size}"
     card, model = env["card"].replace(" ", "_"), model.replace("/", "_")
@@ -236,13 +244,14 @@ def _transformers_peer(hf: torch.nn.Module, requests: list[tuple[list[int], int]
 
 
 def _print(report: dict) -> None:
-    t, hf, tp = report["tritium"], report["transformers"], report["tensor_parallel_size"]
+    t, hf, tp, kv = report["tritium"], report["transformers"], report["tensor_parallel_size"], report["kv_cache"]
     print(f"{report['environment']['card']} | {report['model']} | commit {report['environment']['commit']}"
-          + (f" | tensor parallel x{tp}" if tp > 1 else ""))
+          + (f" | tensor parallel x{tp}" if tp > 1 else "")
+          + f" | KV cache {kv['dtype']}: {kv['pages']} pages of {kv['page_size']} ({kv['tokens']} tokens)")
     print(f"tritium: {t['requests_per_s']:.2f} req/s, {t['output_tokens_per_s']:.0f} output tok/s, "
           f"{t['total_tokens_per_s']:.0f} total tok/s; decode steps {t['decode_steps']} at "
           f"{t['decode_roofline_median']:.0%} of the {'per-GPU ' if tp > 1 else ''}memory roofline (median), "
-          f"{t['decode_roofline_overall']:.0%} time-weighted")
+          f"{t['decode_roofline_overall']:.0%} time-weighted, {t['decode_output_tokens_per_s']:.0f} output tok/s")
     if tp > 1:
         print(f"all-reduces: {t['decode_all_reduce_share_median']:.0%} of a decode step (median), "
               f"{t['decode_all_reduce_share_overall']:.0%} time-weighted")

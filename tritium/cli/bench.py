@@ -31,7 +31,9 @@ def _add_kernels(suites) -> None:
     kernels.add_argument("--scenario", action="append", metavar="TEXT",
                          help="run only scenarios whose name contains TEXT (repeatable; default: all)")
     kernels.add_argument("--peer", action="append", metavar="NAME",
-                         help="time only these peers (repeatable; default: every peer that imports)")
+                         help="time only these peers (repeatable; default: every peer that imports); tritium_fp8kv, "
+                         "tritium_fp8 and tritium_fp8_bf16dot (Tritium on fp8 K/V pages, and an fp8 query) run only "
+                         "when named")
     kernels.add_argument("--eager", action="store_true",
                          help="time each call as made (host cost included) instead of CUDA-graph replays "
                          "(default: off)")

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from tritium.engine.config import DTYPES, EngineConfig
+from tritium.engine.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
 from tritium.models.config import ModelConfig
 
 DEFAULT_MODEL_NOTE = ("Using Tritium's built-in demo model (7M parameters trained on Python's own documentation; "
@@ -50,6 +50,12 @@ def engine_options(parser: argparse.ArgumentParser) -> None:
     add = group.add_argument
     add("--dtype", choices=DTYPES, default=_ENGINE.dtype,
         help="weights and activations; auto: bfloat16 on a GPU, float32 on the CPU (default: %(default)s)")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=_ENGINE.kv_cache_dtype,
+        help="KV pages in the model's dtype (auto) or fp8 e4m3: twice the pages, half the bytes read "
+        "(default: %(default)s)")
+    add("--calculate-kv-scales", action="store_true",
+        help="with an fp8 cache, measure the K/V scales on the first step instead of the checkpoint's (else 1.0) "
+        "(default: off)")
     add("--max-model-len", type=int, default=None, metavar="N",
         help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     add("--block-size", type=int, default=_ENGINE.block_size, metavar="N",

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 is e4m3 (torch.float8_e4m3fn)
 BACKENDS = ("triton", "reference")
 
 
@@ -13,6 +14,10 @@ class EngineConfig:
     """How the engine runs a model. Every field is checked on construction; a bad one raises ValueError naming it.
 
     dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "bfloat16", "float16" or "float32".
+    kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": K/V pages in float8 e4m3 with a per-layer
+        scale each for K and V, so twice the pages in the same memory as bfloat16 and half the bytes per decode read.
+    calculate_kv_scales: with an fp8 cache, measure the scales on the first step (its largest |k| and |v| per layer)
+        instead of taking the checkpoint's (k_scale/v_scale) or, where it has none, 1.0.
     device: "cuda", "cpu" ... (default: a GPU when there is one).
     block_size: tokens per KV-cache page (vLLM's name for the page size).
     max_model_len: longest prompt + output (default: the model's max_position_embeddings).
@@ -37,6 +42,8 @@ class EngineConfig:
     """
 
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     device: str | None = None
     block_size: int = 16
     max_model_len: int | None = None
@@ -60,14 +67,20 @@ class EngineConfig:
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_kv_pages"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("enable_prefix_caching", "enforce_eager", "auto_tune", "skip_tokenizer_init"):
+        for name in ("enable_prefix_caching", "enforce_eager", "auto_tune", "skip_tokenizer_init",
+                     "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs an fp8 KV cache (kv_cache_dtype='fp8'): a cache in the "
+                             "model's dtype has no scales")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
@@ -99,6 +112,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    def torch_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pages' dtype for a model in `model_dtype`."""
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 def _positive_int(name: str, value: object) -> None:

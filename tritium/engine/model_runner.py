@@ -82,11 +82,15 @@ class ModelRunner:
         self.device = device = model.lm_head.weight.device
         self.backend = config.attention_backend or ("triton" if device.type == "cuda" else "reference")
         shape = (num_pages, self.page_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_caches = [tuple(torch.empty(shape, dtype=model.lm_head.weight.dtype, device=device) for _ in "kv")
+        kv_dtype = config.torch_kv_dtype(model.lm_head.weight.dtype)
+        self.kv_caches = [tuple(torch.empty(shape, dtype=kv_dtype, device=device) for _ in "kv")
                           for _ in range(model.config.num_layers)]
         self.generators: dict[int, torch.Generator] = {}
         self.processors = LogitsProcessors(model.config.vocab_size, device, eos_ids)
         max_seqs = config.max_num_seqs
+        # The fp8 scales are measured on the first step, before it writes a page: every page then holds one scale's
+        # values. That step runs eagerly (a captured graph never measures).
+        self.calculate_kv_scales = config.calculate_kv_scales
         if self.backend == "triton" and device.type == "cuda":  # the interpreter compiles nothing
             warm_up_model(model, self.kv_caches[0], config.max_num_batched_tokens, max_seqs)
         self.graphs = None
@@ -234,7 +238,8 @@ class ModelRunner:
     def _forward(self, ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], cu: list[int],
                  used: list[int], tables: list[list[int]], max_seqlen_q: int) -> torch.Tensor:
         """Hidden states of the batch's tokens: a captured graph for decodes, else the eager forward."""
-        if self.graphs is not None and max_seqlen_q == 1 and self.graphs.bucket(len(used)) is not None:
+        measure, self.calculate_kv_scales = self.calculate_kv_scales, False
+        if self.graphs is not None and max_seqlen_q == 1 and self.graphs.bucket(len(used)) is not None and not measure:
             return self.graphs.forward(ids, positions, slots, used, tables)
         width = -(-max(len(t) for t in tables) // TABLE_ALIGN) * TABLE_ALIGN
         table = torch.zeros(len(tables), width, dtype=torch.int32)
@@ -243,7 +248,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             cu_seqlens_q=to(cu, torch.int32), seqused_k=to(used, torch.int32), block_table=table.to(self.device),
             slot_mapping=to(slots, torch.int64), max_seqlen_q=max_seqlen_q, max_seqlen_k=max(used),
-            backend=self.backend)
+            backend=self.backend, calculate_kv_scales=measure)
         ids = ids if isinstance(ids, torch.Tensor) else to(ids, torch.long)
         return self.model(ids, to(positions, torch.long), meta, self.kv_caches)
 

@@ -61,34 +61,35 @@ def warm_up_model(model: torch.nn.Module, kv_cache: tuple[torch.Tensor, torch.Te
                   max_num_seqs: int) -> None:
     """Compile the kernels of each kind of attention layer (window, soft-cap) and each MoE layer shape of `model`
     (all layers' caches are alike: one serves)."""
-    kinds = {(m.num_heads, m.scale, m.sliding_window, m.softcap): None for m in model.modules()
+    kinds = {(m.num_heads, m.scale, m.sliding_window, m.softcap): m for m in model.modules()
              if isinstance(m, Attention)}
-    for num_heads, scale, window, softcap in kinds:
-        warm_up_attention(kv_cache, num_heads, scale, window, softcap, max_num_batched_tokens, max_num_seqs)
+    for (num_heads, scale, window, softcap), attn in kinds.items():
+        warm_up_attention(kv_cache, (attn.k_scale, attn.v_scale), num_heads, attn.qkv_proj.weight.dtype, scale,
+                          window, softcap, max_num_batched_tokens, max_num_seqs)
     shapes = {m.experts.down_proj.shape + (m.top_k,): m for m in model.modules() if isinstance(m, SparseMoE)}
     for moe in shapes.values():
         warm_up_moe(moe, max_num_batched_tokens)
 
 
 @torch.inference_mode()
-def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], num_q_heads: int, scale: float,
-                      sliding_window: int | None, softcap: float, max_num_batched_tokens: int,
-                      max_num_seqs: int) -> None:
-    """Launch each variant once on a one-token batch over the real cache (same strides and dtypes as the steps':
-    the same specialisations), writing nothing."""
+def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], kv_scales: tuple[torch.Tensor, torch.Tensor],
+                      num_q_heads: int, q_dtype: torch.dtype, scale: float, sliding_window: int | None,
+                      softcap: float, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    """Launch each variant once on a one-token batch over the real cache and scales (same strides and dtypes as the
+    steps': the same specialisations), with queries in `q_dtype`, writing nothing."""
     k_cache, v_cache = kv_cache
     _, page_size, num_kv_heads, head_dim = k_cache.shape
     device = k_cache.device
     configs = attention_variants(device, max_num_batched_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
                                  page_size)
-    q = torch.randn(1, num_q_heads, head_dim, dtype=k_cache.dtype, device=device)
+    q = torch.randn(1, num_q_heads, head_dim, dtype=q_dtype, device=device)
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
     seqused_k = torch.ones(1, dtype=torch.int32, device=device)
     block_table = torch.zeros(1, TABLE_ALIGN, dtype=torch.int32, device=device)
     window = window_size(sliding_window)
     for config in tqdm(configs, desc="compiling attention", unit="variant", leave=False):
         unified_attention(q, k_cache, v_cache, torch.empty_like(q), cu_seqlens_q, 1, seqused_k, 1, scale, True,
-                          window, block_table, softcap, None, None, None, config=config)
+                          window, block_table, softcap, None, *kv_scales, config=config)
     torch.cuda.synchronize(device)
 
 

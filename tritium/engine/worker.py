@@ -60,11 +60,15 @@ def fitting_pages(model: LlamaForCausalLM, config: EngineConfig, max_model_len: 
     device = model.lm_head.weight.device
     if device.type != "cuda":
         return 4 * -(-max_model_len // config.block_size)
-    attn = model.model.layers[0].self_attn
-    page_bytes = (2 * model.config.num_layers * config.block_size * attn.num_kv_heads * attn.head_dim
-                  * model.lm_head.weight.element_size())
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, int(free * config.gpu_memory_utilization) // page_bytes)
+    return max(1, int(free * config.gpu_memory_utilization) // kv_page_bytes(model, config))
+
+
+def kv_page_bytes(model: LlamaForCausalLM, config: EngineConfig) -> int:
+    """Bytes of one KV page of this rank's heads, K and V across the layers: an fp8 page takes half a bfloat16 one."""
+    attn = model.model.layers[0].self_attn
+    kv_dtype = config.torch_kv_dtype(model.lm_head.weight.dtype)
+    return 2 * model.config.num_layers * config.block_size * attn.num_kv_heads * attn.head_dim * kv_dtype.itemsize
 
 
 def check_pages(num_pages: int, config: EngineConfig, max_model_len: int) -> None:

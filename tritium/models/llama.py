@@ -82,6 +82,10 @@ class Attention(nn.Module):
         self.sliding_window = config.layer_windows[layer]
         self.softcap = config.attn_softcap
         self.scale = config.attention_scale
+        # An fp8 KV cache holds k / k_scale and v / v_scale: from the checkpoint (the loader), measured on the first
+        # step (--calculate-kv-scales), else 1.0, as vLLM defaults. float32 whatever the model's dtype.
+        self.register_buffer("k_scale", torch.ones(1), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -94,7 +98,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = paged_attention(q, k, v, positions, cos_sin_cache, kv_cache[0], kv_cache[1], meta, self.scale,
-                              self.sliding_window, self.softcap)
+                              self.sliding_window, self.softcap, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(tokens, q_size))
 
 

@@ -26,6 +26,12 @@ EXPERT = re.compile(r"(?P<layer>.+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<matrix>\
 # A weight's place: (our parameter's name, the expert index in a stacked expert parameter, and the part it fills: a
 # fused projection's shard name or an expert matrix's name; None for the whole).
 Place = tuple[str | None, int | None, str | None]
+# Where checkpoints keep an fp8 KV cache's per-layer scales (vLLM reads the same names) -> the attention module's
+# buffers they fill: its own k_scale/v_scale (llm-compressor), ModelOpt's on the projections, Quark's projection output
+# scales, and the older single kv_scale, which serves both.
+KV_SCALES = {"k_scale": ("k_scale",), "v_scale": ("v_scale",), "k_proj.k_scale": ("k_scale",),
+             "v_proj.v_scale": ("v_scale",), "k_proj.output_scale": ("k_scale",),
+             "v_proj.output_scale": ("v_scale",), "kv_scale": ("k_scale", "v_scale")}
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -56,6 +62,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 if "rotary_emb" in name:
+                    continue
+                if _load_kv_scale(name, f, model, path):
                     continue
                 target, expert, part = _place(name, model, params)
                 if target is None:
@@ -93,6 +101,23 @@ def _part(model: torch.nn.Module, param: str, expert: int | None, part: str | No
     rows = module.per_expert[part][1] if expert is not None else None
     dest = dest if rows is None else dest.narrow(0, rows[0], rows[1])
     return dest, 0, 0, dest.shape[0]
+
+
+def _load_kv_scale(name: str, f, model: torch.nn.Module, path: Path) -> bool:
+    """Copy a KV-cache scale into its attention module; False when `name` is not one."""
+    layer, sep, rest = name.partition(".self_attn.")
+    if not sep or rest not in KV_SCALES:
+        return False
+    try:
+        attn = model.get_submodule(layer + ".self_attn")
+    except AttributeError:
+        return False  # no such layer: the caller names the weight
+    scale = f.get_tensor(name).float()
+    if scale.numel() != 1 or not 0 < scale.item() < float("inf"):
+        raise ValueError(f"{path.name}: {name} must be one positive finite number, got {scale.flatten()[:4].tolist()}")
+    for buffer in KV_SCALES[rest]:
+        getattr(attn, buffer).fill_(scale.item())
+    return True
 
 
 def _place(name: str, model: torch.nn.Module, params: dict) -> Place:

@@ -8,6 +8,20 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8 e4m3fn
 
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What an fp8 cache stores for x: x / scale in float32, saturated to +-448, rounded to float8 e4m3 by torch.
+    The definition the kernels' quantisation is judged by, and the CPU path (Triton's interpreter rounds fp32 to
+    fp8 wrongly)."""
+    return (x.float() / scale).clamp(-FP8_MAX.value, FP8_MAX.value).to(FP8_KV_DTYPE)
+
+
+def check_kv_scales(k_scale: object, v_scale: object, device: torch.device) -> None:
+    """An fp8 cache's scales: float32 tensors of one element on the data's device; a ValueError names the bad one."""
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
+            raise ValueError(f"{name} must be a float32 tensor with one element on {device} for an fp8 cache")
+
+
 @triton.jit
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
@@ -78,9 +92,7 @@ def write_kv_cache(
                          f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
     quantize = k_cache.dtype == FP8_KV_DTYPE
     if quantize:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != key.device:
-                raise ValueError(f"{name} must be a float32 tensor with one element on {key.device} for an fp8 cache")
+        check_kv_scales(k_scale, v_scale, key.device)
     elif k_cache.dtype != key.dtype:
         raise ValueError(f"k_cache has dtype {k_cache.dtype} but key has {key.dtype} (only an fp8 cache converts)")
     for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -23,6 +23,7 @@ class PagedBatch:
     max_seqlen_k: int
     k_scale: torch.Tensor | None = None  # per-tensor float32 scales of an fp8 cache
     v_scale: torch.Tensor | None = None
+    q_scale: torch.Tensor | None = None  # per-tensor float32 scale of an fp8 query
 
     @property
     def num_valid_tokens(self) -> int:
@@ -33,7 +34,7 @@ class PagedBatch:
         """Positional arguments of `unified_attention`, vLLM's order."""
         scale = softmax_scale if softmax_scale is not None else self.q.shape[-1] ** -0.5
         return (self.q, self.k_cache, self.v_cache, out, self.cu_seqlens_q, self.max_seqlen_q, self.seqused_k,
-                self.max_seqlen_k, scale, causal, window_size, self.block_table, softcap, None,
+                self.max_seqlen_k, scale, causal, window_size, self.block_table, softcap, self.q_scale,
                 self.k_scale, self.v_scale)
 
 
@@ -53,8 +54,10 @@ def random_paged_batch(
     """A batch of sequences given as (query_len, context_len) pairs, context counting the new tokens.
 
     pad_tokens adds query rows past the last sequence (as a CUDA-graph batch is padded). kv_dtype
-    float8_e4m3fn stores the cache in fp8 with per-tensor scales chosen from the data.
+    float8_e4m3fn stores the cache in fp8 with per-tensor scales chosen from the data (the default for an fp8 query,
+    else q's dtype); dtype float8_e4m3fn makes the query fp8 in the same way.
     """
+    kv_dtype = kv_dtype or dtype
     for q_len, ctx in seqs:
         if not 0 <= q_len <= ctx:
             raise ValueError(f"each sequence needs 0 <= query_len <= context_len, got ({q_len}, {ctx})")
@@ -68,7 +71,7 @@ def random_paged_batch(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float32)
 
-    q = randn(num_tokens, num_q_heads, head_size).to(dtype)
+    q = randn(num_tokens, num_q_heads, head_size)
     k_cache = torch.full((num_pages, page_size, num_kv_heads, head_size), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     order = torch.randperm(num_pages, generator=g)
@@ -83,14 +86,9 @@ def random_paged_batch(
             k_cache[page, :used] = randn(used, num_kv_heads, head_size)
             v_cache[page, :used] = randn(used, num_kv_heads, head_size)
 
-    k_scale = v_scale = None
-    if kv_dtype == FP8_KV_DTYPE:
-        k_scale = torch.tensor([k_cache.nan_to_num().abs().max().item() / 224.0], dtype=torch.float32)
-        v_scale = torch.tensor([v_cache.nan_to_num().abs().max().item() / 224.0], dtype=torch.float32)
-        k_cache, v_cache = (k_cache / k_scale).to(kv_dtype), (v_cache / v_scale).to(kv_dtype)
-        k_scale, v_scale = k_scale.to(device), v_scale.to(device)
-    else:
-        k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    q, q_scale = _quantized(q, dtype, device)
+    k_cache, k_scale = _quantized(k_cache, kv_dtype, device)
+    v_cache, v_scale = _quantized(v_cache, kv_dtype, device)
 
     cu = [0]
     for q_len, _ in seqs:
@@ -101,8 +99,16 @@ def random_paged_batch(
         seqused_k=torch.tensor([ctx for _, ctx in seqs], dtype=torch.int32, device=device),
         block_table=block_table.to(device),
         max_seqlen_q=max([q for q, _ in seqs] + [0]), max_seqlen_k=max([c for _, c in seqs] + [0]),
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, q_scale=q_scale,
     )
+
+
+def _quantized(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x in `dtype`; for fp8, x / scale with the scale (on `device`) that maps its largest magnitude to 224."""
+    if dtype != FP8_KV_DTYPE:
+        return x.to(dtype), None
+    scale = torch.tensor([x.nan_to_num().abs().max().item() / 224.0], dtype=torch.float32)
+    return (x / scale).to(dtype), scale.to(device)
 
 
 def reference_sample(
@@ -124,8 +130,10 @@ def reference_sample(
         cu_sub.append(cu_sub[-1] + take)
     rows_t = torch.tensor(rows, device=batch.q.device)
     idx = torch.tensor(picked, device=batch.q.device)
+    q = batch.q.view(torch.uint8)[rows_t].view(batch.q.dtype) if batch.q_scale is not None else batch.q[rows_t]
     ref, _ = attention_reference(
-        batch.q[rows_t], batch.k_cache, batch.v_cache, torch.tensor(cu_sub, dtype=torch.int32),
+        q, batch.k_cache, batch.v_cache, torch.tensor(cu_sub, dtype=torch.int32),
         batch.seqused_k[idx], batch.block_table[idx], batch.q.shape[-1] ** -0.5, window_size=window_size,
-        k_scale=batch.k_scale, v_scale=batch.v_scale, dtype=torch.float32 if batch.q.is_cuda else torch.float64)
+        q_scale=batch.q_scale, k_scale=batch.k_scale, v_scale=batch.v_scale,
+        dtype=torch.float32 if batch.q.is_cuda else torch.float64)
     return rows_t, ref.double()

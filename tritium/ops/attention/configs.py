@@ -38,6 +38,9 @@ class AttentionConfig:
     tma: 1 fetches K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) wherever the launch
         allows it (`kernel.tma_applies`: a tile within one page, among others), pointer loads elsewhere; 0
         always uses pointer loads.
+    fp8_dot: 1 runs the two dots on fp8 operands (fp8 tensor cores) where the query and K/V are fp8, the device has
+        them and the tile is large enough (`unified.dot_dtype`), 0 converts the operands to bfloat16 (float32 in the
+        interpreter) there.
     """
 
     block_m: int
@@ -47,6 +50,7 @@ class AttentionConfig:
     num_stages: int = 2
     page_lookahead: int = 0
     tma: int = 0
+    fp8_dot: int = 1
 
     def validate(self, group: int) -> None:
         for name in ("block_m", "tile_k"):
@@ -58,7 +62,7 @@ class AttentionConfig:
                              "per KV head)")
         if not 1 <= self.num_splits <= 256:
             raise ValueError(f"config.num_splits must be in [1, 256], got {self.num_splits}")
-        for name in ("page_lookahead", "tma"):
+        for name in ("page_lookahead", "tma", "fp8_dot"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"config.{name} must be 0 or 1, got {getattr(self, name)}")
 
@@ -66,6 +70,12 @@ class AttentionConfig:
 def has_tma(device: torch.device) -> bool:
     """Whether the device has a tensor-memory accelerator for tensor descriptors: NVIDIA compute capability 9+."""
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def has_fp8_dots(device: torch.device) -> bool:
+    """Whether the device's tensor cores take fp8 (e4m3) operands: NVIDIA compute capability 8.9+ (Ada, Hopper and
+    later)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def multiprocessor_count(device: torch.device) -> int:

@@ -20,8 +20,14 @@ tensor-memory accelerator, through tensor descriptors over the cache viewed as [
 head size] (config.tma): the copy engine then fetches the tile straight into shared memory, with no address
 arithmetic in the loop. A page of 16 keys cannot feed a 64-key tile that way: Hopper has no gather.
 
-Scores are kept in log2 units: the softmax scale (times the fp8 K scale) and log2(e) are folded into one
-multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
+Scores are kept in log2 units: the softmax scale (times the fp8 scales of Q and K) and log2(e) are folded into
+one multiplier, so the softmax uses exp2. Running max and sum stay in fp32.
+
+fp8 (e4m3). K/V pages in fp8 are dequantized by per-tensor scales (K's folded into the score multiplier, V's into
+the output). An fp8 query comes with its per-tensor scale; the dots then take DOT_DTYPE operands: fp8 themselves
+where K/V are fp8 too and the device has fp8 tensor cores (P, in [0, 1], is scaled by P_FP8_SCALE into e4m3's
+normal range first and the output scaled back), else the K/V dtype or a 16/32-bit type the query converts to
+exactly. An fp8 output is the result divided by its scale, saturated to +-448 (vLLM's fused output quantisation).
 """
 
 from dataclasses import dataclass
@@ -32,8 +38,13 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tritium.ops.attention.configs import AttentionConfig, has_tma
+from tritium.ops.kv_cache import FP8_MAX
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# P in [0, 1] times 2^8 before it becomes an fp8 dot operand: e4m3's normal range starts at 2^-6 and its smallest
+# number is 2^-9, so unscaled weights below ~2^-7 of the row's largest would lose bits or vanish; scaled, only those
+# below 2^-17 do. A power of two: the output is scaled back exactly.
+P_FP8_SCALE = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -85,7 +96,7 @@ def _attend_tiles(
             k = k_desc.load([row, kv_column]).T
             v = v_desc.load([row, kv_column])
             if MASKED:  # rows past the context hold whatever the page held (NaN, say); 0 * NaN would poison P @ V
-                v = tl.where(in_context[:, None], v, 0.0)
+                v = tl.where(in_context[:, None], v, tl.zeros_like(v))
         else:
             if TILE_IN_PAGE:  # one page holds the whole tile: contiguous slots
                 slot = tile_start % PAGE_SIZE + offs_t
@@ -134,6 +145,8 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if q.dtype.is_fp8():  # fp8 dots (the epilogue divides P_FP8_SCALE out again)
+            p = p * P_FP8_SCALE
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -145,7 +158,7 @@ def unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, out_ptr, lse_ptr,
     partial_out_ptr, partial_lse_ptr,
     cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
-    alibi_slopes_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
+    alibi_slopes_ptr, sinks_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
     softmax_scale, softcap, window_left, window_right,
     num_seqs, num_q_heads, num_tokens, num_splits,
     stride_q_token, stride_q_head,
@@ -158,6 +171,7 @@ def unified_attention_kernel(
     TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    Q_SCALED: tl.constexpr, OUT_SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -196,8 +210,11 @@ def unified_attention_kernel(
         q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
     else:
         q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    q = q.to(DOT_DTYPE)  # q's own dtype but for an fp8 query without fp8 dots: then exact (fp8 fits 16 bits)
 
     qk_scale = softmax_scale
+    if Q_SCALED:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if not USE_SOFTCAP:
@@ -279,11 +296,15 @@ def unified_attention_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if KV_SCALED:
         out = out * tl.load(v_scale_ptr)
+    if q.dtype.is_fp8():
+        out = out * (1.0 / P_FP8_SCALE)
     lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     token = q_start + row_token
     if not SPLIT_KEYS:
         o_ptrs = (out_ptr + token.to(tl.int64)[:, None] * stride_o_token
                   + (row_head * stride_o_head)[:, None] + offs_d[None, :])
+        if OUT_SCALED:  # an fp8 output: quantised by its scale, saturated
+            out = tl.clamp(out / tl.load(out_scale_ptr), -FP8_MAX, FP8_MAX)
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
         if WRITE_LSE:
             tl.store(lse_ptr + row_head * stride_lse_head + token, lse2 / LOG2E, mask=row_valid)
@@ -296,10 +317,11 @@ def unified_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "num_splits"])
 def merge_splits_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr,
+    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, out_scale_ptr,
     num_seqs, num_tokens, num_q_heads, num_splits,
     stride_o_token, stride_o_head, stride_lse_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+    OUT_SCALED: tl.constexpr,
 ):
     """Combine the key splits of one (token, head): a softmax-weighted sum of the partial outputs."""
     token = tl.program_id(0)
@@ -317,6 +339,8 @@ def merge_splits_kernel(
     parts = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
                     mask=(offs_s < num_splits)[:, None], other=0.0)
     out = tl.sum(parts * (weight / total)[:, None], 0)
+    if OUT_SCALED:
+        out = tl.clamp(out / tl.load(out_scale_ptr), -FP8_MAX, FP8_MAX)
     tl.store(out_ptr + token.to(tl.int64) * stride_o_token + head * stride_o_head + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
     if WRITE_LSE:
@@ -326,13 +350,13 @@ def merge_splits_kernel(
 def tma_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tile_k: int) -> bool:
     """Whether tensor descriptors can fetch this launch's K/V tiles: the device has a tensor-memory accelerator
     (CUDA compute capability 9 or later; Triton's interpreter emulates one), a tile lies within one page, K/V
-    are contiguous caches in q's dtype with a power-of-two head size (the descriptor's zero fill would
+    are contiguous caches (fp8 or not) with a power-of-two head size (the descriptor's zero fill would
     otherwise read the next head) and row coordinates fit the descriptor's int32. The caches' addresses must be
     16-byte aligned too, which `launch` checks on each call."""
     if not (has_tma(q.device) or q.device.type == "cpu"):
         return False
     num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
-    return (page_size % tile_k == 0 and head_dim & (head_dim - 1) == 0 and k_cache.dtype == q.dtype
+    return (page_size % tile_k == 0 and head_dim & (head_dim - 1) == 0
             and k_cache.is_contiguous() and v_cache.is_contiguous() and num_pages * page_size < 2**31)
 
 
@@ -352,8 +376,9 @@ class LaunchPlan:
 def launch(
     plan: LaunchPlan, *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor | None, cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
-    alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None, softmax_scale: float, softcap: float, window: tuple[int, int],
+    alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None, q_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, out_scale: torch.Tensor | None,
+    softmax_scale: float, softcap: float, window: tuple[int, int],
 ) -> None:
     """Launch on already validated arguments: the attention kernel, then the split merge when splitting."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -376,7 +401,8 @@ def launch(
         lse_ptr=unused if lse is None else lse, partial_out_ptr=partial_out, partial_lse_ptr=partial_lse,
         cu_seqlens_q_ptr=cu_seqlens_q, seqused_k_ptr=seqused_k, block_table_ptr=block_table,
         alibi_slopes_ptr=unused if alibi_slopes is None else alibi_slopes, sinks_ptr=unused if sinks is None else sinks,
-        k_scale_ptr=unused if k_scale is None else k_scale, v_scale_ptr=unused if v_scale is None else v_scale,
+        q_scale_ptr=unused if q_scale is None else q_scale, k_scale_ptr=unused if k_scale is None else k_scale,
+        v_scale_ptr=unused if v_scale is None else v_scale, out_scale_ptr=unused if out_scale is None else out_scale,
         softmax_scale=softmax_scale, softcap=softcap, window_left=window[0], window_right=window[1],
         num_seqs=num_seqs, num_q_heads=num_q_heads, num_tokens=num_tokens, num_splits=splits,
         stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_o_token=out.stride(0),
@@ -390,7 +416,8 @@ def launch(
         merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out_ptr=partial_out, partial_lse_ptr=partial_lse, out_ptr=out,
             lse_ptr=unused if lse is None else lse, cu_seqlens_q_ptr=cu_seqlens_q,
-            num_seqs=num_seqs, num_tokens=num_tokens, num_q_heads=num_q_heads, num_splits=splits,
+            out_scale_ptr=unused if out_scale is None else out_scale, num_seqs=num_seqs, num_tokens=num_tokens,
+            num_q_heads=num_q_heads, num_splits=splits,
             stride_o_token=out.stride(0), stride_o_head=out.stride(1),
             stride_lse_head=0 if lse is None else lse.stride(0), **plan.merge_constexprs,
         )

@@ -16,19 +16,24 @@ def attention_reference(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged attention computed sequence by sequence in `dtype`, on the device the inputs are on.
 
+    q_scale dequantizes an fp8 query, k_scale/v_scale an fp8 cache (each ignored where the tensor is not fp8, as
+    `unified_attention` ignores them).
     Returns (out [num_tokens, num_q_heads, head_size], lse [num_q_heads, num_tokens]); rows of padding
     tokens past cu_seqlens_q[-1] are zero in `out` and -inf in `lse`.
     """
     device = q.device
-    q = q.detach().to(dtype)
-    k_mult = 1.0 if k_scale is None else float(k_scale)
-    v_mult = 1.0 if v_scale is None else float(v_scale)
+    q_mult = float(q_scale) if q.dtype == torch.float8_e4m3fn and q_scale is not None else 1.0
+    q = q.detach().to(dtype) * q_mult
+    quantized = k_cache.dtype == torch.float8_e4m3fn  # scales dequantize an fp8 cache; other caches ignore them
+    k_mult = float(k_scale) if quantized and k_scale is not None else 1.0
+    v_mult = float(v_scale) if quantized and v_scale is not None else 1.0
     cu = cu_seqlens_q.tolist()
     used = seqused_k.tolist()
     table = block_table.to(device)
@@ -44,8 +49,8 @@ def attention_reference(
         if end == start:
             continue
         pages = table[seq, : -(-context // block_size)].long()
-        keys = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:context].to(dtype) * k_mult
-        values = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:context].to(dtype) * v_mult
+        keys = _gather(k_cache, pages).reshape(-1, num_kv_heads, head_dim)[:context].to(dtype) * k_mult
+        values = _gather(v_cache, pages).reshape(-1, num_kv_heads, head_dim)[:context].to(dtype) * v_mult
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
 
         scores = torch.einsum("qhd,khd->hqk", q[start:end], keys) * softmax_scale  # [heads, queries, keys]
@@ -72,3 +77,10 @@ def attention_reference(
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, values)
         lse[:, start:end] = seq_lse
     return out, lse
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """cache[pages]; an fp8 cache is indexed through its bytes (not every device has an fp8 indexing kernel)."""
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        return cache.view(torch.uint8)[pages].view(cache.dtype)
+    return cache[pages]

@@ -5,13 +5,16 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from tritium.ops.attention import kernel
-from tritium.ops.attention.configs import AttentionConfig, choose_config, tables_generation
+from tritium.ops.attention.configs import AttentionConfig, choose_config, has_fp8_dots, tables_generation
 from tritium.ops.kv_cache import FP8_KV_DTYPE
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              FP8_KV_DTYPE: tl.float8e4nv}
 
 
 def window_size(sliding_window: int | None) -> tuple[int, int]:
@@ -39,23 +42,27 @@ def unified_attention(
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     *,
+    output_scale: torch.Tensor | None = None,
     return_lse: bool = False,
     config: AttentionConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Paged attention over a batch mixing prefills, prefill chunks, decodes and speculative tokens.
 
     q, out: [num_tokens, num_q_heads, head_size]; k, v: [num_blocks, block_size, num_kv_heads, head_size]
-    (fp8 e4m3 with per-tensor `k_descale`/`v_descale`, or q's dtype). Sequence i owns query tokens
-    cu_seqlens_q[i]:cu_seqlens_q[i+1] and its first seqused_k[i] cached keys (new tokens included), found
-    through block_table[i]; causal masks align bottom-right. window_size=(left, right) as in
-    FlashAttention, (-1, -1) for none; softcap 0 for none; sinks are per-head logits joining the softmax.
+    (fp8 e4m3 with per-tensor `k_descale`/`v_descale`, or q's dtype). As in vLLM, q may be fp8 e4m3 too, with its
+    per-tensor `q_descale` (K/V then fp8 or any of float16/bfloat16/float32, out any of those), and out may be fp8
+    e4m3 with an `output_scale`: it then holds the result divided by that scale, saturated to +-448. Scales are
+    float32 tensors of one element; k/v descales of a cache that is not fp8 are ignored (vLLM passes them with any
+    cache). Sequence i owns query tokens cu_seqlens_q[i]:cu_seqlens_q[i+1] and its first seqused_k[i] cached keys
+    (new tokens included), found through block_table[i]; causal masks align bottom-right. window_size=(left, right)
+    as in FlashAttention, (-1, -1) for none; softcap 0 for none; sinks are per-head logits joining the softmax.
     Tokens past cu_seqlens_q[-1] are padding and their rows of `out` are left as they are.
     Returns `out`, or (out, lse) with the natural-log log-sum-exp [num_q_heads, num_tokens] in float32.
     """
     return prepare_attention(
         q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal, window_size,
-        block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes, sinks, return_lse=return_lse,
-        config=config).run(q, k, v, out)
+        block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes, sinks, output_scale=output_scale,
+        return_lse=return_lse, config=config).run(q, k, v, out)
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,10 @@ class PreparedAttention:
     cu_seqlens_q: torch.Tensor
     seqused_k: torch.Tensor
     block_table: torch.Tensor
+    q_descale: torch.Tensor | None
     k_descale: torch.Tensor | None
     v_descale: torch.Tensor | None
+    output_scale: torch.Tensor | None
     alibi_slopes: torch.Tensor | None
     sinks: torch.Tensor | None
     softmax_scale: float
@@ -79,7 +88,10 @@ class PreparedAttention:
     return_lse: bool
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            k_descale: torch.Tensor | None = None, v_descale: torch.Tensor | None = None,
             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Launch on these tensors; k_descale/v_descale replace the prepared scales of an fp8 cache (each layer of a
+        model has its own; like those prepared, float32 tensors of one element on q's device)."""
         if q.shape != self.q_shape or k.shape != self.kv_shape:
             raise ValueError(f"prepared for q {tuple(self.q_shape)} and caches {tuple(self.kv_shape)}, got "
                              f"{tuple(q.shape)} and {tuple(k.shape)}")
@@ -87,7 +99,10 @@ class PreparedAttention:
         if self.plan is not None:
             kernel.launch(self.plan, q=q, k_cache=k, v_cache=v, out=out, lse=lse, cu_seqlens_q=self.cu_seqlens_q,
                           seqused_k=self.seqused_k, block_table=self.block_table, alibi_slopes=self.alibi_slopes,
-                          sinks=self.sinks, k_scale=self.k_descale, v_scale=self.v_descale,
+                          sinks=self.sinks, q_scale=self.q_descale,
+                          k_scale=self.k_descale if k_descale is None or self.k_descale is None else k_descale,
+                          v_scale=self.v_descale if v_descale is None or self.v_descale is None else v_descale,
+                          out_scale=self.output_scale,
                           softmax_scale=self.softmax_scale, softcap=self.softcap, window=self.window)
         return (out, lse) if self.return_lse else out
 
@@ -97,7 +112,8 @@ def prepare_attention(
     max_seqlen_q: int, seqused_k: torch.Tensor, max_seqlen_k: int, softmax_scale: float, causal: bool,
     window_size: tuple[int, int], block_table: torch.Tensor, softcap: float, q_descale: torch.Tensor | None,
     k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, alibi_slopes: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None, *, return_lse: bool = False, config: AttentionConfig | None = None,
+    sinks: torch.Tensor | None = None, *, output_scale: torch.Tensor | None = None, return_lse: bool = False,
+    config: AttentionConfig | None = None,
 ) -> PreparedAttention:
     """Check a `unified_attention` call (same arguments) and plan its launch, without launching it.
 
@@ -107,13 +123,13 @@ def prepare_attention(
     window = _check_scalars(softmax_scale, softcap, window_size)
     key = (_signature(q), _signature(k), _signature(v), _signature(out), _signature(cu_seqlens_q),
            _signature(seqused_k), _signature(block_table), _signature(q_descale), _signature(k_descale),
-           _signature(v_descale), _signature(alibi_slopes), _signature(sinks), bool(causal), window != (-1, -1),
-           softcap > 0, bool(return_lse), config, tables_generation())
+           _signature(v_descale), _signature(alibi_slopes), _signature(sinks), _signature(output_scale),
+           bool(causal), window != (-1, -1), softcap > 0, bool(return_lse), config, tables_generation())
     plan = _PLANS.get(key, _UNSEEN)
     if plan is _UNSEEN:
         _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes,
-               sinks)
-        plan = plan_launch(q, k, v, cu_seqlens_q, causal, window, softcap, alibi_slopes is not None,
+               sinks, output_scale)
+        plan = plan_launch(q, k, v, out, cu_seqlens_q, causal, window, softcap, alibi_slopes is not None,
                            sinks is not None, return_lse, config)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
@@ -124,7 +140,8 @@ def prepare_attention(
     fp8 = k.dtype == FP8_KV_DTYPE
     return PreparedAttention(
         plan=plan, q_shape=q.shape, kv_shape=k.shape, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
-        block_table=block_table, k_descale=k_descale if fp8 else None, v_descale=v_descale if fp8 else None,
+        block_table=block_table, q_descale=q_descale if q.dtype == FP8_KV_DTYPE else None,
+        k_descale=k_descale if fp8 else None, v_descale=v_descale if fp8 else None, output_scale=output_scale,
         alibi_slopes=alibi_slopes, sinks=sinks, softmax_scale=float(softmax_scale), softcap=float(softcap),
         window=window, return_lse=bool(return_lse))
 
@@ -144,7 +161,7 @@ def _signature(t: object) -> tuple | type:
 
 
 def plan_launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, causal: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_seqlens_q: torch.Tensor, causal: bool,
     window: tuple[int, int], softcap: float, alibi: bool, sinks: bool, return_lse: bool,
     config: AttentionConfig | None = None,
 ) -> "kernel.LaunchPlan | None":
@@ -162,22 +179,43 @@ def plan_launch(
     head_dim_pad = triton.next_power_of_2(head_dim)
     tokens_per_tile = config.block_m // group
     splits = config.num_splits
+    dots = dot_dtype(q, k, config)
     constexprs = dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_M=config.block_m,
         TOKENS_PER_TILE=tokens_per_tile, TILE_K=config.tile_k, PAGE_SIZE=page_size,
         TILE_IN_PAGE=page_size % config.tile_k == 0, PAGE_LOOKAHEAD=config.page_lookahead == 1,
         # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dots == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dots],
+        Q_SCALED=q.dtype == FP8_KV_DTYPE, OUT_SCALED=out.dtype == FP8_KV_DTYPE,
         SPLIT_KEYS=splits > 1, CAUSAL=bool(causal), USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi, USE_SINKS=sinks, KV_SCALED=k.dtype == FP8_KV_DTYPE, WRITE_LSE=bool(return_lse),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     merge_constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(splits),
-                            WRITE_LSE=bool(return_lse), num_warps=4 if head_dim_pad >= 128 else 2)
+                            WRITE_LSE=bool(return_lse), OUT_SCALED=out.dtype == FP8_KV_DTYPE,
+                            num_warps=4 if head_dim_pad >= 128 else 2)
     return kernel.LaunchPlan(
         config=config, grid=(num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits), constexprs=constexprs,
         merge_constexprs=merge_constexprs, head_dim_pad=head_dim_pad,
         use_tma=bool(config.tma) and kernel.tma_applies(q, k, v, config.tile_k))
+
+
+def dot_dtype(q: torch.Tensor, k: torch.Tensor, config: AttentionConfig) -> torch.dtype:
+    """The dtype of both dots' operands: q's, but for an fp8 query: fp8 where K/V are fp8 too, `config.fp8_dot` is on,
+    the device has fp8 tensor cores, the head size and key tile are at least their 32-wide step and the tile has 64
+    rows or more; the K/V dtype where it is not fp8; else bfloat16 on a GPU and float32 in the interpreter (which
+    computes bfloat16 dots wrongly). An fp8 query converts to each of them exactly.
+
+    Below 64 rows (decode tiles) Triton's Hopper dot is mma.sync, which it gives fp8 operands converted to fp16
+    (sm_90 PTX of a 16-row tile: m16n8k16 f16), so fp8 there would only round P; from 64 rows it is wgmma on e4m3."""
+    if q.dtype != FP8_KV_DTYPE:
+        return q.dtype
+    if k.dtype != FP8_KV_DTYPE:
+        return k.dtype
+    if (config.fp8_dot and has_fp8_dots(q.device) and q.shape[2] > 16 and config.tile_k >= 32
+            and config.block_m >= 64):
+        return FP8_KV_DTYPE
+    return torch.bfloat16 if q.device.type == "cuda" else torch.float32
 
 
 def _check_scalars(softmax_scale: float, softcap: float, window_size: tuple[int, int]) -> tuple[int, int]:
@@ -192,7 +230,7 @@ def _check_scalars(softmax_scale: float, softcap: float, window_size: tuple[int,
 
 
 def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_descale, v_descale, alibi_slopes,
-           sinks) -> None:
+           sinks, output_scale) -> None:
     """Raise a ValueError naming the first argument that the kernel cannot take."""
     tensors = {"q": q, "k": k, "v": v, "out": out, "cu_seqlens_q": cu_seqlens_q, "seqused_k": seqused_k,
                "block_table": block_table}
@@ -202,20 +240,26 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_desc
     for name, t in tensors.items():
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    fp8_q = q.dtype == FP8_KV_DTYPE
+    if q.dtype not in SUPPORTED_DTYPES and not fp8_q:
+        raise ValueError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32, float8_e4m3fn")
     if q.dim() != 3:
         raise ValueError(f"q must be [num_tokens, num_q_heads, head_size], got shape {tuple(q.shape)}")
     num_tokens, num_q_heads, head_dim = q.shape
-    if out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must match q: shape {tuple(q.shape)} dtype {q.dtype}, "
+    # An fp8 query's result comes out in any of the 16/32-bit types; the others' in their own dtype. Either may be
+    # quantised to fp8 by an output_scale.
+    out_dtypes = (*(SUPPORTED_DTYPES if fp8_q else (q.dtype,)), FP8_KV_DTYPE)
+    if out.shape != q.shape or out.dtype not in out_dtypes:
+        raise ValueError(f"out must match q: shape {tuple(q.shape)} dtype {' or '.join(map(str, out_dtypes))}, "
                          f"got {tuple(out.shape)} {out.dtype}")
+    kv_dtypes = (*(SUPPORTED_DTYPES if fp8_q else (q.dtype,)), FP8_KV_DTYPE)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], "
                              f"got shape {tuple(t.shape)}")
-        if t.dtype not in (q.dtype, FP8_KV_DTYPE):
-            raise ValueError(f"{name} has dtype {t.dtype}; it must be q's dtype ({q.dtype}) or float8_e4m3fn")
+        if t.dtype not in kv_dtypes:
+            raise ValueError(f"{name} has dtype {t.dtype}; it must be {' or '.join(map(str, kv_dtypes))} with a "
+                             f"{q.dtype} q")
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"k and v must agree: {tuple(k.shape)} {k.dtype} vs {tuple(v.shape)} {v.dtype}")
     num_kv_heads = k.shape[2]
@@ -243,12 +287,20 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_desc
         raise ValueError(f"block_table must be [num_seqs >= {num_seqs}, max_blocks], got {tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise ValueError("block_table must be contiguous in its last dimension")
-    if q_descale is not None:
-        raise ValueError("q_descale is not supported: queries are float16/bfloat16/float32, not fp8")
+    scales = []
     if k.dtype == FP8_KV_DTYPE:
-        for name, s in (("k_descale", k_descale), ("v_descale", v_descale)):
-            if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != q.device:
-                raise ValueError(f"{name} must be a float32 tensor with one element on {q.device} for an fp8 cache")
+        scales += [("k_descale", k_descale, "an fp8 cache"), ("v_descale", v_descale, "an fp8 cache")]
+    if fp8_q:
+        scales.append(("q_descale", q_descale, "an fp8 query"))
+    elif q_descale is not None:
+        raise ValueError(f"q_descale goes with an fp8 query; q has dtype {q.dtype}")
+    if out.dtype == FP8_KV_DTYPE:
+        scales.append(("output_scale", output_scale, "an fp8 output"))
+    elif output_scale is not None:
+        raise ValueError(f"output_scale goes with an fp8 out (quantised output); out has dtype {out.dtype}")
+    for name, s, what in scales:
+        if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != q.device:
+            raise ValueError(f"{name} must be a float32 tensor with one element on {q.device} for {what}")
     for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
         if t is None:
             continue
