@@ -206,19 +206,19 @@ def poison_unused_table_entries(batch: PagedBatch) -> PagedBatch:
 # --- Batches whose sequence lengths change under fixed tensor shapes (the CPU analogue of graph replay) ---
 
 
-def static_like(batch: PagedBatch, num_blocks: int, max_blocks: int) -> PagedBatch:
-    """Buffers with batch's num_tokens and num_seqs, a pool of num_blocks pages and a block table of
-    max_blocks columns, loaded with `batch`; later batches of the same num_tokens/num_seqs go in with
+def static_like(batch: PagedBatch, num_pages: int, max_pages: int) -> PagedBatch:
+    """Buffers with batch's num_tokens and num_seqs, a pool of num_pages pages and a block table of
+    max_pages columns, loaded with `batch`; later batches of the same num_tokens/num_seqs go in with
     `load_into`, as a CUDA-graph runner copies new inputs into its captured tensors."""
     k = batch.k_cache
     static = PagedBatch(
         q=torch.empty_like(batch.q),
-        k_cache=torch.empty((num_blocks, *k.shape[1:]), dtype=k.dtype, device=k.device),
-        v_cache=torch.empty((num_blocks, *k.shape[1:]), dtype=k.dtype, device=k.device),
+        k_cache=torch.empty((num_pages, *k.shape[1:]), dtype=k.dtype, device=k.device),
+        v_cache=torch.empty((num_pages, *k.shape[1:]), dtype=k.dtype, device=k.device),
         cu_seqlens_q=torch.empty_like(batch.cu_seqlens_q),
         seqused_k=torch.empty_like(batch.seqused_k),
-        block_table=torch.empty((batch.block_table.shape[0], max_blocks), dtype=torch.int32, device=k.device),
-        max_seqlen_q=batch.q.shape[0], max_seqlen_k=max_blocks * k.shape[1],
+        block_table=torch.empty((batch.block_table.shape[0], max_pages), dtype=torch.int32, device=k.device),
+        max_seqlen_q=batch.q.shape[0], max_seqlen_k=max_pages * k.shape[1],
         k_scale=None if batch.k_scale is None else torch.empty_like(batch.k_scale),
         v_scale=None if batch.v_scale is None else torch.empty_like(batch.v_scale),
         q_scale=None if batch.q_scale is None else torch.empty_like(batch.q_scale),
@@ -231,17 +231,17 @@ def load_into(static: PagedBatch, batch: PagedBatch) -> PagedBatch:
     """Copy batch's values into static's tensors in place; returns `batch` with static's pool and table
     (what the reference must see), so that a check judges what the kernel was given."""
     assert static.q.shape == batch.q.shape and static.cu_seqlens_q.shape == batch.cu_seqlens_q.shape
-    num_blocks, max_blocks = batch.k_cache.shape[0], batch.block_table.shape[1]
-    assert num_blocks <= static.k_cache.shape[0] and max_blocks <= static.block_table.shape[1]
+    num_pages, max_pages = batch.k_cache.shape[0], batch.block_table.shape[1]
+    assert num_pages <= static.k_cache.shape[0] and max_pages <= static.block_table.shape[1]
     static.q.copy_(batch.q)
     for dst, src in ((static.k_cache, batch.k_cache), (static.v_cache, batch.v_cache)):
-        dst[:num_blocks].copy_(src)
+        dst[:num_pages].copy_(src)
         # Pages past the new pool keep garbage: NaN, so that a read of them shows.
-        dst[num_blocks:].copy_(torch.full(dst[num_blocks:].shape, NAN).to(dst.dtype))
+        dst[num_pages:].copy_(torch.full(dst[num_pages:].shape, NAN).to(dst.dtype))
     static.cu_seqlens_q.copy_(batch.cu_seqlens_q)
     static.seqused_k.copy_(batch.seqused_k)
     static.block_table.fill_(static.k_cache.shape[0] - 1)  # stale entries point at a NaN page
-    static.block_table[:, :max_blocks].copy_(batch.block_table)
+    static.block_table[:, :max_pages].copy_(batch.block_table)
     for name in ("k_scale", "v_scale", "q_scale"):
         if getattr(batch, name) is not None:
             getattr(static, name).copy_(getattr(batch, name))

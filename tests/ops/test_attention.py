@@ -370,9 +370,9 @@ def test_static_grid(config, gen, launched_configs):
         [(0, 0), (0, 0), (0, 0), (0, 0)],  # nothing to do: everything padding
         [(4, 61), (4, 9), (4, 4), (4, 128)],  # speculative, 8 padding tokens
     ]
-    num_tokens, num_blocks, max_blocks = 24, 40, 8
+    num_tokens, num_pages, max_pages = 24, 40, 8
     batches = [batch_of(seqs, gen, hq=4, hkv=2, pad=num_tokens - sum(q for q, _ in seqs)) for seqs in rounds]
-    static = static_like(batches[0], num_blocks, max_blocks)
+    static = static_like(batches[0], num_pages, max_pages)
     out = torch.empty_like(static.q)
     for batch in batches:
         loaded = load_into(static, batch)
@@ -475,8 +475,8 @@ ERRORS = {
     "out_dtype": (lambda a: {"out": a["out"].half()}, r"^out must match q"),
     "k_float16_with_float32_q": (lambda a: {"k": a["k"].half(), "v": a["v"].half()}, r"^k has dtype"),
     "v_float16_with_float32_q": (lambda a: {"v": a["v"].half()}, r"^v has dtype"),
-    "k_3d": (lambda a: {"k": a["k"][0], "v": a["v"][0]}, r"^k must be \[num_blocks"),
-    "v_3d": (lambda a: {"v": a["v"][0]}, r"^v must be \[num_blocks"),
+    "k_3d": (lambda a: {"k": a["k"][0], "v": a["v"][0]}, r"^k must be \[num_pages"),
+    "v_3d": (lambda a: {"v": a["v"][0]}, r"^v must be \[num_pages"),
     "kv_shape_mismatch": (lambda a: {"v": a["v"][:-1]}, r"^k and v must agree"),
     "kv_dtype_mismatch": (lambda a: {"k": a["k"].to(FP8), "k_descale": torch.ones(1), "v_descale": torch.ones(1)},
                           r"^k and v must agree"),

@@ -22,16 +22,16 @@ def inv_freq(d: int, theta: float = 10000.0) -> torch.Tensor:
     return (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
 
 
-def draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen, slot_dtype=torch.int64, pos_dtype=torch.int64):
+def draw(num_tokens, hq, hkv, d, page, num_pages, dtype, gen, slot_dtype=torch.int64, pos_dtype=torch.int64):
     """q, k, v as views of one fused qkv projection; random positions; distinct slots, about a quarter of them -1;
     caches poisoned with NaN."""
     qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, generator=gen).to(dtype)
     q, k, v = split(qkv, hq, hkv, d)
     positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(pos_dtype)
-    slots = torch.randperm(num_blocks * page, generator=gen)[:num_tokens]
+    slots = torch.randperm(num_pages * page, generator=gen)[:num_tokens]
     slots[torch.rand(num_tokens, generator=gen) < 0.25] = -1
     slots[0] = -1
-    cache = torch.full((2, num_blocks, page, hkv, d), NAN, dtype=dtype)
+    cache = torch.full((2, num_pages, page, hkv, d), NAN, dtype=dtype)
     return qkv, q, k, v, positions, slots.to(slot_dtype), cache[0], cache[1]
 
 
@@ -67,8 +67,8 @@ CASES = [  # dtype, q heads, kv heads, head size, page size, slot dtype, positio
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize(("dtype", "hq", "hkv", "d", "page", "slot_dtype", "pos_dtype"), CASES)
 def test_matches_float64(path, dtype, hq, hkv, d, page, slot_dtype, pos_dtype, gen):
-    num_tokens, num_blocks = 23, 3
-    qkv, q, k, v, positions, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen,
+    num_tokens, num_pages = 23, 3
+    qkv, q, k, v, positions, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_pages, dtype, gen,
                                                             slot_dtype, pos_dtype)
     table = rotary_cos_sin_cache(inv_freq(d), MAX_POSITIONS)
     want_q, want_k = rotate64(q, positions, table), rotate64(k, positions, table)
@@ -84,7 +84,7 @@ def test_matches_float64(path, dtype, hq, hkv, d, page, slot_dtype, pos_dtype, g
     blocks, offsets = written // page, written % page
     check(k_cache[blocks, offsets], want_k[valid], dtype, "k in the cache")
     assert torch.equal(v_cache[blocks, offsets], v[valid]), "v must be copied as it is"
-    untouched = torch.ones(num_blocks * page, dtype=torch.bool)
+    untouched = torch.ones(num_pages * page, dtype=torch.bool)
     untouched[written] = False
     for cache in (k_cache, v_cache):
         assert torch.isnan(cache.view(-1, hkv, d)[untouched]).all(), "a slot that no token names was written"
@@ -92,9 +92,9 @@ def test_matches_float64(path, dtype, hq, hkv, d, page, slot_dtype, pos_dtype, g
 
 def test_kernel_matches_torch(gen):
     """Both paths on the same inputs, strided caches (K and V halves of one tensor, pages interleaved)."""
-    num_tokens, hq, hkv, d, page, num_blocks = 19, 6, 2, 80, 16, 3
-    _, q, k, v, positions, slots, _, _ = draw(num_tokens, hq, hkv, d, page, num_blocks, torch.float16, gen)
-    kv = torch.full((num_blocks, 2, page, hkv, d), NAN, dtype=torch.float16)
+    num_tokens, hq, hkv, d, page, num_pages = 19, 6, 2, 80, 16, 3
+    _, q, k, v, positions, slots, _, _ = draw(num_tokens, hq, hkv, d, page, num_pages, torch.float16, gen)
+    kv = torch.full((num_pages, 2, page, hkv, d), NAN, dtype=torch.float16)
     k_cache, v_cache = kv[:, 0], kv[:, 1]
     table = rotary_cos_sin_cache(inv_freq(d), MAX_POSITIONS)
     q_torch, kv_torch = q.clone(), kv.clone()
@@ -147,10 +147,10 @@ def test_public_function_on_cpu(gen):
 # --- an fp8 cache: x / scale, saturated, rounded to e4m3 ---
 
 
-def fp8_case(dtype, hq, hkv, d, page, gen, num_tokens=23, num_blocks=3):
+def fp8_case(dtype, hq, hkv, d, page, gen, num_tokens=23, num_pages=3):
     """draw()'s inputs with fp8 caches, and scales that saturate the largest rotated keys and values."""
-    qkv, q, k, v, positions, slots, _, _ = draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen)
-    k_cache, v_cache = torch.full((2, num_blocks, page, hkv, d), NAN).to(FP8).unbind(0)
+    qkv, q, k, v, positions, slots, _, _ = draw(num_tokens, hq, hkv, d, page, num_pages, dtype, gen)
+    k_cache, v_cache = torch.full((2, num_pages, page, hkv, d), NAN).to(FP8).unbind(0)
     k_scale = torch.tensor([k.float().abs().max().item() / 600.0])  # the largest rotated keys saturate
     v_scale = torch.tensor([v.float().abs().max().item() / 400.0])
     return q, k, v, positions, slots, k_cache, v_cache, k_scale, v_scale
@@ -272,8 +272,8 @@ def test_gpu_matches_torch(dtype, hq, hkv, d, page):
     """The kernel on CUDA (through the public function) against the torch path on the same CUDA tensors, at
     Llama-3-like positions up to 8191."""
     gen = torch.Generator().manual_seed(hq * d + page)
-    num_tokens, num_blocks = 700, 64
-    qkv, q, k, v, _, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_blocks, dtype, gen)
+    num_tokens, num_pages = 700, 64
+    qkv, q, k, v, _, slots, k_cache, v_cache = draw(num_tokens, hq, hkv, d, page, num_pages, dtype, gen)
     positions = torch.randint(0, 8192, (num_tokens,), generator=gen)
     table = rotary_cos_sin_cache(inv_freq(d, theta=500000.0), 8192)
     want_q, want_k = rotate64(q, positions, table), rotate64(k, positions, table)
@@ -301,7 +301,7 @@ def test_gpu_fp8_matches_torch(dtype, hq, hkv, d, page):
     within float32 rounding of a midpoint between two fp8 numbers (then one fp8 step apart); saturation at +-448."""
     gen = torch.Generator().manual_seed(hq * d + page)
     q, k, v, positions, slots, k_cache, v_cache, k_scale, v_scale = fp8_case(dtype, hq, hkv, d, page, gen,
-                                                                             num_tokens=700, num_blocks=64)
+                                                                             num_tokens=700, num_pages=64)
     positions = torch.randint(0, 8192, positions.shape, generator=gen)
     table = rotary_cos_sin_cache(inv_freq(d, theta=500000.0), 8192)
     want_k, want_v = expected_fp8(k, v, positions, table, slots, k_cache, v_cache, k_scale, v_scale)

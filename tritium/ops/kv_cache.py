@@ -54,10 +54,10 @@ def _write_kv_cache_kernel(
 
 
 def check_paged_caches(name: str, key: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The caches are one vLLM-layout pair [num_blocks, block_size, num_kv_heads, head_size] that holds `key`'s
+    """The caches are one vLLM-layout pair [num_pages, page_size, num_kv_heads, head_size] that holds `key`'s
     (heads, head_size); a ValueError says which part disagrees."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"k_cache and v_cache must be matching [num_blocks, block_size, num_kv_heads, head_size], "
+        raise ValueError(f"k_cache and v_cache must be matching [num_pages, page_size, num_kv_heads, head_size], "
                          f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
     if k_cache.shape[2:] != key.shape[1:]:
         raise ValueError(f"{name} has (heads, head_size) {tuple(key.shape[1:])} but the cache holds "
@@ -74,7 +74,7 @@ def write_kv_cache(
     v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_size] to slots of k_cache/v_cache
-    [num_blocks, block_size, num_kv_heads, head_size]; slot = block * block_size + offset, -1 skips the
+    [num_pages, page_size, num_kv_heads, head_size]; slot = page * page_size + offset, -1 skips the
     token. An fp8 (e4m3) cache stores x / scale, saturated, with per-tensor float32 scales k_scale, v_scale.
     """
     for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache),

@@ -174,7 +174,7 @@ def rotary_and_cache(
 ) -> None:
     """Rotate q [num_tokens, num_q_heads, head_size] in place by `positions` (rotate-half RoPE, in fp32, table from
     `rotary_cos_sin_cache`; positions must be below its length), and write rotated k and v [num_tokens,
-    num_kv_heads, head_size] into the paged caches [num_blocks, block_size, num_kv_heads, head_size] at
+    num_kv_heads, head_size] into the paged caches [num_pages, page_size, num_kv_heads, head_size] at
     `slot_mapping` (-1 skips the token); k itself is left as it is. One pass over the step's q, k and v.
     An fp8 (e4m3) cache stores x / scale, saturated, with float32 per-tensor scales k_scale, v_scale (ignored for
     a cache in k's dtype). The kernel runs on CUDA; elsewhere plain PyTorch does the same.

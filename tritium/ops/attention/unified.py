@@ -48,7 +48,7 @@ def unified_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Paged attention over a batch mixing prefills, prefill chunks, decodes and speculative tokens.
 
-    q, out: [num_tokens, num_q_heads, head_size]; k, v: [num_blocks, block_size, num_kv_heads, head_size]
+    q, out: [num_tokens, num_q_heads, head_size]; k, v: [num_pages, page_size, num_kv_heads, head_size]
     (fp8 e4m3 with per-tensor `k_descale`/`v_descale`, or q's dtype). As in vLLM, q may be fp8 e4m3 too, with its
     per-tensor `q_descale` (K/V then fp8 or any of float16/bfloat16/float32, out any of those), and out may be fp8
     e4m3 with an `output_scale`: it then holds the result divided by that scale, saturated to +-448. Scales are
@@ -255,7 +255,7 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_desc
     kv_dtypes = (*(SUPPORTED_DTYPES if fp8_q else (q.dtype,)), FP8_KV_DTYPE)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], "
+            raise ValueError(f"{name} must be [num_pages, page_size, num_kv_heads, head_size], "
                              f"got shape {tuple(t.shape)}")
         if t.dtype not in kv_dtypes:
             raise ValueError(f"{name} has dtype {t.dtype}; it must be {' or '.join(map(str, kv_dtypes))} with a "
@@ -284,7 +284,7 @@ def _check(q, k, v, out, cu_seqlens_q, seqused_k, block_table, q_descale, k_desc
     if seqused_k.shape != (num_seqs,):
         raise ValueError(f"seqused_k must have shape ({num_seqs},) to match cu_seqlens_q, got {tuple(seqused_k.shape)}")
     if block_table.dim() != 2 or block_table.shape[0] < num_seqs:
-        raise ValueError(f"block_table must be [num_seqs >= {num_seqs}, max_blocks], got {tuple(block_table.shape)}")
+        raise ValueError(f"block_table must be [num_seqs >= {num_seqs}, max_pages], got {tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise ValueError("block_table must be contiguous in its last dimension")
     scales = []
