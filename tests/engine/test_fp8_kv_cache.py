@@ -15,6 +15,7 @@ from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
 from tritium.engine.worker import kv_page_bytes, load_shard
 from tritium.models.attention import KV_SCALE_TARGET, AttentionMetadata
+from tritium.models.config import ModelConfig
 from tritium.ops.kv_cache import quantize_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -56,6 +57,16 @@ def test_fp8_page_takes_half_the_bytes():
     assert kv_page_bytes(model, dataclasses.replace(config, kv_cache_dtype="fp8")) * 2 == bf16
     fp32 = dataclasses.replace(config, dtype="float32")
     assert kv_page_bytes(load_shard(default_model_path(), fp32, torch.device("cpu")), fp32) == 2 * bf16
+
+
+def test_scales_stay_float32_in_a_bfloat16_model():
+    """The kernel takes k/v descales as float32: a model built in bfloat16 (random weights too) keeps them so."""
+    config = EngineConfig(dtype="bfloat16", device="cpu")
+    for model in (load_shard(default_model_path(), config, torch.device("cpu")),
+                  load_shard(ModelConfig.load(default_model_path()), config, torch.device("cpu"))):
+        attn = model.model.layers[0].self_attn
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert attn.k_scale.dtype == attn.v_scale.dtype == torch.float32
 
 
 def add_scales(path, tensors: dict[str, torch.Tensor]) -> None:

@@ -83,9 +83,10 @@ class Attention(nn.Module):
         self.softcap = config.attn_softcap
         self.scale = config.attention_scale
         # An fp8 KV cache holds k / k_scale and v / v_scale: from the checkpoint (the loader), measured on the first
-        # step (--calculate-kv-scales), else 1.0, as vLLM defaults. float32 whatever the model's dtype.
-        self.register_buffer("k_scale", torch.ones(1), persistent=False)
-        self.register_buffer("v_scale", torch.ones(1), persistent=False)
+        # step (--calculate-kv-scales), else 1.0, as vLLM defaults. float32 whatever the model's dtype (the model is
+        # built under its dtype as torch's default: the dtype must be given).
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
