@@ -11,6 +11,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# No engine in the tests tunes at start (on a fresh GPU each would spend up to 90 s of its budget there); the
+# auto-tune's own tests call it directly.
+os.environ.setdefault("TRITIUM_AUTO_TUNE", "0")
 
 import pytest  # noqa: E402
 

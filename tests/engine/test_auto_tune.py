@@ -97,6 +97,7 @@ def test_a_winner_off_the_reference_is_refused(cache, stub_timer, monkeypatch):
 
 
 def test_switched_off_by_setting_or_environment(monkeypatch):
+    monkeypatch.delenv("TRITIUM_AUTO_TUNE", raising=False)  # (tests/conftest.py sets it for every other test)
     assert at.auto_tune_enabled(True)
     assert not at.auto_tune_enabled(False)
     monkeypatch.setenv("TRITIUM_AUTO_TUNE", "0")

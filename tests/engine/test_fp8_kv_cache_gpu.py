@@ -10,6 +10,7 @@ from tests.engine.test_fp8_kv_cache import agreement
 from tritium import LLM, SamplingParams, default_model_path
 from tritium.engine.config import EngineConfig
 from tritium.engine.llm_engine import LLMEngine
+from tritium.engine.tokenizer import Tokenizer
 from tritium.models.shapes import shape_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
@@ -54,8 +55,9 @@ def test_graph_decode_over_fp8_pages_equals_eager(calculate):
 
 @pytest.fixture(scope="module")
 def demo_prompts() -> list[list[int]]:
-    llm = LLM(default_model_path())
-    return [llm.engine.tokenizer.encode(t) for t in TEXTS] * 2
+    # The tokenizer alone: an LLM here would auto-tune the demo model's classes first (up to 90 s on a fresh GPU).
+    tokenizer = Tokenizer(default_model_path())
+    return [tokenizer.encode(t) for t in TEXTS] * 2
 
 
 def _generate(prompts: list[list[int]], **options) -> tuple[list[list[int]], LLM]:
