@@ -119,6 +119,8 @@ def run_command(words: list[str], mode: str, url: str | None, monkeypatch: pytes
     elif name == "curl":
         assert mode == "server", "curl runs in server blocks"
         subprocess.run([name, *(a.replace(DOC_URL, url) for a in args)], check=True, timeout=60)
+    elif name == "torchrun":  # ranks on several hosts: the module they run must exist
+        assert mode == "parse" and importlib.util.find_spec(args[args.index("-m") + 1]) is not None, args
     elif name == "python" and args[0].startswith("scripts/"):
         assert (ROOT / args[0]).is_file() and mode == "parse", args[0]
     else:

@@ -27,6 +27,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 
+import tritium
 from tritium import distributed
 from tritium.engine import worker
 from tritium.engine.config import EngineConfig
@@ -83,6 +84,9 @@ class WorkerGroup:
         command = [sys.executable, "-m", "tritium.engine.worker", "--engine", f"{address[0]}:{address[1]}",
                    "--init-method", f"file://{self._dir}/rendezvous"]
         env = {**os.environ, "TRITIUM_RANK_KEY": key, "WORLD_SIZE": str(size)}
+        # The ranks import the tritium this process runs, wherever it comes from (a checkout, whatever the cwd).
+        package_root = str(Path(tritium.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         for rank in range(size):
             self.procs.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
 
