@@ -89,10 +89,10 @@ def test_a_request_that_fails_in_the_step_fails_alone(served, where, monkeypatch
     assert httpx.get(url + "/health").status_code == 200
 
 
-def _die_on_the_marked(self, batch, ahead=()):
-    if any(seq.params.seed == MARK for seq, _ in batch):
+def _die_on_the_marked(self, plan):
+    if any(s.params.seed == MARK for s in plan.seqs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-    return _step(self, batch, ahead)
+    return _step(self, plan)
 
 
 _step = model_runner.ModelRunner.step
@@ -111,7 +111,9 @@ def test_an_engine_fault_answers_503_fails_requests_in_flight_and_refuses_new_on
             body = {**INNOCENTS[0], "max_tokens": 100}
             stream = asyncio.create_task(c.post("/v1/completions", json=body))
             whole = asyncio.create_task(c.post("/v1/completions", json={**body, "stream": False}))
+            deadline = time.monotonic() + 60  # a failure here fails the test, not the CI run's clock
             while len(engine.engine.scheduler.running) < 2:
+                assert time.monotonic() < deadline and not stream.done(), "the innocent requests never ran"
                 await asyncio.sleep(0.01)
             marked = await c.post("/v1/completions", json=MARKED)
             return await stream, await whole, marked, await c.get("/health"), await c.post(

@@ -140,17 +140,21 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:
-                raise ValueError(f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
+                raise InvalidParameter(name, f"{name} ({k}) exceeds the vocabulary ({vocab} tokens)")
         for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
             if any(t >= vocab for t in ids):
-                raise ValueError(f"{name} names token ids outside the vocabulary [0, {vocab})")
+                raise InvalidParameter(name, f"{name} names token ids outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init=True); "
-                             "use stop_token_ids")
+            raise InvalidParameter("stop", "stop strings need a tokenizer (the engine runs with "
+                                   "skip_tokenizer_init=True); use stop_token_ids")
         if params.structured_outputs is not None:
             if self.grammars is None:
-                raise ValueError("structured_outputs needs a tokenizer (the engine runs with skip_tokenizer_init=True)")
-            self.grammars.compile(params.structured_outputs)
+                raise InvalidParameter("structured_outputs", "structured_outputs needs a tokenizer (the engine runs "
+                                       "with skip_tokenizer_init=True)")
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except ValueError as exc:
+                raise InvalidParameter("structured_outputs", str(exc)) from None
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Stop a request (its client went away): its sequences end with finish_reason "abort" and their KV pages
