@@ -211,7 +211,9 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001  sorted below: the engine's fault, or some request's
             self._check_fault(exc)
             first = exc
-        self.scheduler.ahead, self.runner.ahead = set(), None  # the parts below run whole, nothing ahead
+        # The parts below run whole and launch nothing ahead; the next plan takes no decode launched ahead either (a
+        # runner drops one that a plan does not take).
+        self.scheduler.ahead = set()
         failed: list[Sequence] = []
         out = self._isolate(batch, first, failed)
         requests = {seq.request_id for seq, _ in batch}
