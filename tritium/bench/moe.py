@@ -68,10 +68,7 @@ def run_moe_bench(shape_names: list[str] | None = None, tokens: list[int] | None
               "rows": []}
     for shape in shapes:
         g = torch.Generator(device).manual_seed(0)
-        w13 = (torch.randn(shape.num_experts, 2 * shape.inter, shape.hidden, generator=g, device=device)
-               / shape.hidden**0.5).to(dtype)
-        w2 = (torch.randn(shape.num_experts, shape.hidden, shape.inter, generator=g, device=device)
-              / shape.inter**0.5).to(dtype)
+        w13, w2 = shape.random_weights(dtype, g)
         for n in tqdm(tokens, desc=shape.name, unit="batch"):
             report["rows"].append(_measure(shape, n, w13, w2, g, report["ceilings"]))
         del w13, w2

@@ -40,6 +40,15 @@ class MoEShape:
     hidden: int
     inter: int
 
+    def random_weights(self, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) drawn on the generator's device, scaled so that a layer's outputs stay near unit size."""
+        device = generator.device
+        w13 = (torch.randn(self.num_experts, 2 * self.inter, self.hidden, generator=generator, device=device)
+               / self.hidden**0.5).to(dtype)
+        w2 = (torch.randn(self.num_experts, self.hidden, self.inter, generator=generator, device=device)
+              / self.inter**0.5).to(dtype)
+        return w13, w2
+
     def flops(self, tokens: int) -> int:
         return 2 * tokens * self.top_k * 3 * self.hidden * self.inter
 
@@ -81,10 +90,7 @@ def tune_shapes(shapes: list[MoEShape], tokens: list[int], dtype: torch.dtype = 
     winners = {}
     for shape in shapes:
         g = torch.Generator(device).manual_seed(0)
-        w13 = (torch.randn(shape.num_experts, 2 * shape.inter, shape.hidden, generator=g, device=device)
-               / shape.hidden**0.5).to(dtype)
-        w2 = (torch.randn(shape.num_experts, shape.hidden, shape.inter, generator=g, device=device)
-              / shape.inter**0.5).to(dtype)
+        w13, w2 = shape.random_weights(dtype, g)
         for n in tqdm(tokens, desc=f"tuning {shape.name}", unit="class"):
             cls = problem_class(n, shape.num_experts, shape.top_k, shape.hidden, shape.inter)
             best, line = _tune_class(shape, n, w13, w2, g)
