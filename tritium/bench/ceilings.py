@@ -7,6 +7,12 @@ import torch
 from triton.testing import do_bench
 
 
+def ceilings_line(ceilings: dict[str, float]) -> str:
+    """The ceilings as a benchmark table's header prints them."""
+    return (f"ceilings: bf16 GEMM {ceilings['bf16_gemm_tflops']:.0f} TFLOP/s, "
+            f"copy {ceilings['copy_tb_per_s']:.2f} TB/s")
+
+
 def measure_ceilings(device: torch.device) -> dict[str, float]:
     """TFLOP/s of an 8192^3 bf16 matmul and TB/s of a 1 GiB device-to-device copy (read + write). On the CPU, a
     512^3 matmul and a 64 MiB copy timed by the clock (CPU runs check code paths; they are not measurements)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tritium.bench.ceilings import measure_ceilings
+from tritium.bench.ceilings import ceilings_line, measure_ceilings
 from tritium.bench.environment import describe_environment
 from tritium.bench.peers import available_peers
 from tritium.bench.plots import plot_speed_vs_baseline
@@ -101,6 +101,15 @@ def run_kernel_bench(
     return report
 
 
+def text_table(head: list, rows: list[list]) -> list[str]:
+    """Aligned lines: the head, a rule, the rows; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+
+    def fmt(cells: list) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
 def format_table(report: dict, bound: float) -> str:
     """Tritium's ms, TFLOP/s, TB/s, % of floor and speed vs FA3, then each peer's ms (Tritium's fp8 variants: with
     their speed-up over Tritium); '!' marks a failed check."""
@@ -124,18 +133,13 @@ def format_table(report: dict, bound: float) -> str:
             else:
                 cells.append(_ms(r["ms"].get(p), r, p, bound))
         lines.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
-
-    def fmt(cells: list) -> str:
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     env = report["environment"]
     text = [f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {report['dtype']} | page "
             f"{report['page_size']} | {env['date']} | commit {env['commit']}"]
     if report["ceilings"]:
-        c = report["ceilings"]
-        text.append(f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, copy {c['copy_tb_per_s']:.2f} TB/s")
+        text.append(ceilings_line(report["ceilings"]))
     text.append(f"tritium's configs: {report['attention_table']}")
-    text += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
+    text += text_table(head, lines)
     eager = sorted({p for r in report["scenarios"] for p, how in r.get("timing", {}).items() if how == "eager"})
     if eager and not report["eager"]:
         text.append("timed eagerly (not capturable in a CUDA graph): " + ", ".join(eager))

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from triton.testing import do_bench
 
-from tritium.bench.ceilings import measure_ceilings
+from tritium.bench.ceilings import ceilings_line, measure_ceilings
 from tritium.bench.environment import describe_environment
+from tritium.bench.kernels import text_table
 from tritium.bench.plots import plot_moe
 from tritium.models.shapes import MODEL_SHAPES, shape_config
 from tritium.ops import fused_moe, select_experts, silu_and_mul
@@ -147,17 +148,12 @@ def format_table(report: dict) -> str:
                       f"{100 * mem / t:.0f}%" if mem else "-", f"{100 * comp / t:.0f}%" if comp else "-",
                       f"{ms['loop']:.4f}", f"{ms['loop'] / t:.1f}x", f"{ms['dense']:.4f}", f"{ms['dense'] / t:.2f}x",
                       f"{r['bytes'] / t / 1e9:.2f}", f"{r['flops'] / t / 1e9:.1f}"])
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
-
-    def fmt(cells: list) -> str:
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     env = report["environment"]
     text = [f"{env['card']} | torch {env['torch']} | triton {env['triton']} | {report['dtype']} | {env['date']} | "
             f"commit {env['commit']}"]
     if report["ceilings"]:
-        c = report["ceilings"]
-        text.append(f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, copy {c['copy_tb_per_s']:.2f} TB/s")
-    text += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
+        text.append(ceilings_line(report["ceilings"]))
+    text += text_table(head, lines)
     eager = sorted({f"{r['shape']} t{r['tokens']}" for r in report["rows"] if r["timing"]["tritium"] == "eager"})
     if eager:
         text.append("Tritium timed eagerly (its capture failed): " + ", ".join(eager))
