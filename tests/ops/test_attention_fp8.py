@@ -42,15 +42,6 @@ def batch_of(seqs, gen, hq=6, hkv=2, d=48, page=8, dtype=FP8, kv_dtype=None, pad
         seqs, hq, hkv, d, page, dtype=dtype, kv_dtype=kv_dtype, pad_tokens=pad, generator=gen))
 
 
-@pytest.fixture
-def plans(monkeypatch) -> list:
-    """The launch plan of every kernel launch during the test."""
-    seen = []
-    launch = kernel.launch
-    monkeypatch.setattr(kernel, "launch", lambda plan, **kw: seen.append(plan) or launch(plan, **kw))
-    return seen
-
-
 # --- an fp8 query ---
 
 

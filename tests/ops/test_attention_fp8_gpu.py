@@ -42,14 +42,6 @@ BF16 = torch.bfloat16
 FEATURE_PICKS = [0, (1, 0, 64), (1, 448, 512), 2, (3, 0, 40), (3, 636, 700), 4]
 
 
-@pytest.fixture
-def plans(monkeypatch) -> list:
-    seen = []
-    launch = kernel.launch
-    monkeypatch.setattr(kernel, "launch", lambda plan, **kw: seen.append(plan) or launch(plan, **kw))
-    return seen
-
-
 def bound(batch, config: AttentionConfig | None = None) -> float:
     """The output bound of the dots this call runs: fp8's or bfloat16's."""
     return OUT_BOUND[FP8 if dot_dtype(batch.q, batch.k_cache, config or default_config(batch)) == FP8 else BF16]
