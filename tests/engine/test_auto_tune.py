@@ -82,6 +82,21 @@ def test_budget_then_cache_then_nothing_left(cache, stub_timer):
     assert stub_timer == []
 
 
+def test_fp8_pages_tune_their_own_classes_on_fp8_batches(cache, stub_timer, monkeypatch):
+    """An engine on fp8 pages tunes the `-fp8` classes, timing batches whose pages are fp8, and caches them apart
+    from the model dtype's classes, which stay missing."""
+    seen = []
+    real = tuning.random_paged_batch
+    monkeypatch.setattr(tuning, "random_paged_batch", lambda *a, **k: seen.append(k.get("kv_dtype")) or real(*a, **k))
+    fp8 = torch.float8_e4m3fn
+    assert list(at.missing_classes(CPU, **SHAPE, kv_fp8=True)) == [c + "-fp8" for c in CLASSES]
+    tuned = at.auto_tune(CPU, torch.float32, **SHAPE, kv_dtype=fp8, budget_s=100, clock=Clock())
+    assert list(tuned) == [c + "-fp8" for c in CLASSES]
+    assert seen and set(seen) == {fp8}
+    assert set(json.loads(cache.read_text())["cpu"]) == set(tuned)
+    assert list(at.missing_classes(CPU, **SHAPE)) == CLASSES
+
+
 def test_a_winner_off_the_reference_is_refused(cache, stub_timer, monkeypatch):
     """The winners are checked against the reference as `tritium tune` checks them."""
     real = tuning.unified_attention

@@ -28,8 +28,12 @@ LSE_BOUND = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, FP8
 
 def judged_dtype(batch: PagedBatch, config: AttentionConfig | None = None) -> torch.dtype:
     """The dtype whose bounds judge a call on this batch: the one its dots run in (with the largest tile when no
-    config is given: fp8 dots on a GPU that has them, the looser bound)."""
-    return dot_dtype(batch.q, batch.k_cache, config or AttentionConfig(128, 64))
+    config is given: fp8 dots on a GPU that has them, the looser bound), or a 16-bit query's own where it is looser
+    (the output is rounded to it: a bfloat16 query over fp8 pages runs float16 dots)."""
+    dots = dot_dtype(batch.q, batch.k_cache, config or AttentionConfig(128, 64))
+    if batch.q.dtype in (torch.float16, torch.bfloat16) and OUT_BOUND[batch.q.dtype] > OUT_BOUND[dots]:
+        return batch.q.dtype
+    return dots
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ padding rows and a matching log-sum-exp.
 
 import pytest
 import torch
+import triton.language as tl
 
 from tests.ops.helpers import (
     NAN,
@@ -247,13 +248,26 @@ def test_window_edges(window, tile_k, gen):
     (torch.float16, FEATURES["noncausal_all"], AttentionConfig(16, 32, num_splits=2)),
     (torch.float32, FEATURES["causal_all"], AttentionConfig(32, 16, num_splits=5)),
     (torch.float16, Features(softcap=5.0, scale=0.5), AttentionConfig(64, 64)),
-], ids=["fp16", "fp32", "fp16_all", "fp16_noncausal_all_split2", "fp32_all_split5", "fp16_softcap_m64"])
+    (torch.bfloat16, PLAIN, None),
+    (torch.bfloat16, FEATURES["causal_all"], AttentionConfig(16, 32, num_splits=2)),
+], ids=["fp16", "fp32", "fp16_all", "fp16_noncausal_all_split2", "fp32_all_split5", "fp16_softcap_m64", "bf16",
+        "bf16_all_split2"])
 def test_fp8_cache(qdtype, features, config, gen):
     batch = batch_of(MIXED, gen, hq=10, hkv=2, d=80, dtype=qdtype, kv_dtype=FP8)
     assert batch.k_cache.dtype == FP8 and batch.k_scale is not None
     # Scales far from 1, so that a missing or doubled scale shows.
     assert not 0.5 < batch.k_scale.item() < 2 and not 0.5 < batch.v_scale.item() < 2
     attend_and_check(batch, features, gen=gen, config=config)
+
+
+def test_bf16_query_over_fp8_pages_is_clamped_to_float16(gen, plans):
+    """A bfloat16 query over fp8 pages runs float16 dots; entries past float16's range saturate instead of turning
+    the scores into inf and the output into NaN."""
+    batch = batch_of(MIXED, gen, hq=4, hkv=2, d=32, dtype=torch.bfloat16, kv_dtype=FP8)
+    batch.q[::3, :, ::5] = 1e6
+    out, _ = attend(batch)
+    assert torch.isfinite(out[: batch.num_valid_tokens]).all()
+    assert all(p.constexprs["Q_CLAMP"] and p.constexprs["DOT_DTYPE"] == tl.float16 for p in plans)
 
 
 def test_fp8_scales_are_applied(gen):

@@ -206,6 +206,32 @@ def test_lookup_other_kind_or_shape_is_none(cache_dir, cls):
     assert configs.lookup_tuned(CPU, cls) is None
 
 
+def test_fp8_pages_have_their_own_classes(cache_dir):
+    """fp8 K/V pages key their own classes: a bf16 entry of the same shape is not taken for them (the H200's best
+    bf16 decode config ran fp8 pages 1.5x slower than theirs), an fp8 one is, also at the nearest program count."""
+    cls = configs.problem_class(32, 32, 16, 4, 128, 16, kv_fp8=True)
+    assert cls == DECODE_P128 + "-fp8"
+    assert configs.class_fields(cls)["fp8"] == "-fp8" and configs.class_fields(DECODE_P128)["fp8"] is None
+    assert configs.problem_class(8192, 1, 32, 8, 128, 64, kv_fp8=True) == "prefill-g4-d128-pg64-fp8"
+    args = (CPU, 32, 32, 16, 4, 128, 16)
+    write_cache(cache_dir, {"cpu": {DECODE_P128: entry(16, 64, 3, 2, 4)}})
+    assert configs.choose_config(*args, kv_fp8=True) == configs.default_config(*args[:-1], kv_fp8=True)
+    assert configs.choose_config(*args) == AttentionConfig(16, 64, 3, 2, 4)
+    write_cache(cache_dir, {"cpu": {DECODE_P128: entry(16, 64, 3, 2, 4),
+                                    "decode-q1-p256-g4-d128-pg16-fp8": entry(16, 128, 2, 4, 3)}})
+    assert configs.choose_config(*args, kv_fp8=True) == AttentionConfig(16, 128, 4, 4, 3)  # splits 2 * 256 / 128
+    assert configs.choose_config(*args) == AttentionConfig(16, 64, 3, 2, 4)
+
+
+def test_default_decode_tiles_on_fp8_pages(monkeypatch):
+    """On a GPU, decode over fp8 pages takes 128-key tiles (measured on the H200), bf16 pages 64-key ones."""
+    monkeypatch.setattr(configs, "multiprocessor_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    assert configs.default_config(gpu, 64, 64, 32, 8, 128).tile_k == 64
+    assert configs.default_config(gpu, 64, 64, 32, 8, 128, kv_fp8=True).tile_k == 128
+    assert configs.default_config(gpu, 64, 64, 32, 8, 256, kv_fp8=True).tile_k == 32  # large heads: unchanged
+
+
 def test_choose_config_without_entry_is_the_default(cache_dir):
     write_cache(cache_dir, {"cpu": {"decode-q1-p128-g8-d128-pg16": entry(16, 128, 7)}})
     args = (CPU, 32, 32, 16, 4, 128)  # group 4: no entry of its shape

@@ -92,13 +92,15 @@ def test_fp8_pages_through_tensor_descriptors(qdtype, features, config, gen, mon
 def test_dot_dtype_rule(monkeypatch):
     """fp8 dots only where q and K/V are fp8, the config allows them, the device has them, the head size and key
     tile are at least 32 and the tile has 64 rows; otherwise bfloat16 on a GPU, float32 in the interpreter, or the
-    cache's dtype."""
+    cache's dtype. A bfloat16 query over fp8 K/V: float16."""
     q8 = torch.empty(2, 4, 64, dtype=FP8)
     k8, k16 = torch.empty(3, 16, 2, 64, dtype=FP8), torch.empty(3, 16, 2, 64, dtype=torch.bfloat16)
     wide, narrow = AttentionConfig(64, 64), AttentionConfig(64, 16)
     assert unified.dot_dtype(q8, k8, wide) == torch.float32  # the interpreter
     assert unified.dot_dtype(q8, k16, wide) == torch.bfloat16
     assert unified.dot_dtype(torch.empty(2, 4, 64, dtype=torch.float16), k8, wide) == torch.float16
+    assert unified.dot_dtype(torch.empty(2, 4, 64, dtype=torch.bfloat16), k8, wide) == torch.float16
+    assert unified.dot_dtype(torch.empty(2, 4, 64, dtype=torch.bfloat16), k16, wide) == torch.bfloat16
     monkeypatch.setattr(unified, "has_fp8_dots", lambda device: True)
     assert unified.dot_dtype(q8, k8, wide) == FP8
     assert unified.dot_dtype(q8, k8, dataclasses.replace(wide, fp8_dot=0)) == torch.float32

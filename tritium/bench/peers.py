@@ -54,7 +54,7 @@ def _tritium_fp8(query: bool, fp8_dot: int = 1) -> Callable[[PagedBatch, Scenari
         args = fp8.kernel_args(out, window_size=sc.window_size)
         num_tokens, hq, d = batch.q.shape
         config = choose_config(batch.q.device, num_tokens, batch.seqused_k.numel(), hq, batch.k_cache.shape[2], d,
-                               batch.k_cache.shape[1])
+                               batch.k_cache.shape[1], kv_fp8=True)
         config = dataclasses.replace(config, fp8_dot=fp8_dot)
         return (lambda: unified_attention(*args, config=config)), (lambda: out)
 

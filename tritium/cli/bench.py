@@ -180,6 +180,9 @@ def add_tune(commands) -> None:
     tune.add_argument("--tokens", type=int, nargs="+", default=None, metavar="N",
                       help="moe: token counts to tune (default: 1, 2, 4 .. 4096)")
     tune.add_argument("--dtype", choices=KERNEL_DTYPES, default="bfloat16", help="default: %(default)s")
+    tune.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                      help="attention: the K/V pages' dtype, auto (--dtype) or fp8 (e4m3; the engine's "
+                      "--kv-cache-dtype fp8 runs those classes) (default: %(default)s)")
     tune.add_argument("--cache", type=Path, default=None, metavar="FILE",
                       help="JSON file to merge the winners into (default: the user cache the kernel reads, "
                       "under ~/.cache/tritium or $TRITIUM_CACHE_DIR)")
@@ -191,6 +194,8 @@ def _run_tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--scenario selects attention scenarios; with --op moe use --model-config and --tokens")
     if args.op == "attention" and (args.model_config or args.tokens):
         parser.error("--model-config and --tokens go with --op moe")
+    if args.op == "moe" and args.kv_cache_dtype != "auto":
+        parser.error("--kv-cache-dtype goes with --op attention")
     if args.tokens and min(args.tokens) < 1:
         parser.error("--tokens must be positive")
     import torch
@@ -201,7 +206,8 @@ def _run_tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if args.op == "moe":
             tune_moe(args.model_config, args.tokens, getattr(torch, args.dtype), args.cache)
         else:
-            tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache)
+            tune(args.scenario, args.page_size, getattr(torch, args.dtype), args.cache,
+                 kv_fp8=args.kv_cache_dtype != "auto")
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"tritium tune: {exc}\n")
 

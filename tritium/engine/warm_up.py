@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tritium.models.llama import Attention
 from tritium.models.moe import SparseMoE
 from tritium.ops.attention import AttentionConfig, choose_config, unified_attention, window_size
+from tritium.ops.kv_cache import FP8_KV_DTYPE
 from tritium.ops.moe import MoEConfig, fused_moe
 from tritium.ops.moe import choose_config as choose_moe_config
 
@@ -43,9 +44,9 @@ def variant(config: AttentionConfig) -> AttentionConfig:
 
 
 def attention_variants(device: torch.device, max_num_batched_tokens: int, max_num_seqs: int, num_q_heads: int,
-                       num_kv_heads: int, head_dim: int, page_size: int) -> list[AttentionConfig]:
-    """The distinct kernel variants of the configs every step shape gets."""
-    found = {variant(choose_config(device, t, s, num_q_heads, num_kv_heads, head_dim, page_size)): None
+                       num_kv_heads: int, head_dim: int, page_size: int, kv_fp8: bool = False) -> list[AttentionConfig]:
+    """The distinct kernel variants of the configs every step shape gets (over fp8 K/V pages with `kv_fp8`)."""
+    found = {variant(choose_config(device, t, s, num_q_heads, num_kv_heads, head_dim, page_size, kv_fp8)): None
              for t, s in step_shapes(max_num_batched_tokens, max_num_seqs)}
     return list(found)
 
@@ -81,7 +82,7 @@ def warm_up_attention(kv_cache: tuple[torch.Tensor, torch.Tensor], kv_scales: tu
     _, page_size, num_kv_heads, head_dim = k_cache.shape
     device = k_cache.device
     configs = attention_variants(device, max_num_batched_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
-                                 page_size)
+                                 page_size, k_cache.dtype == FP8_KV_DTYPE)
     q = torch.randn(1, num_q_heads, head_dim, dtype=q_dtype, device=device)
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
     seqused_k = torch.ones(1, dtype=torch.int32, device=device)

@@ -23,7 +23,8 @@ from tritium.ops.devices import TableChoice, choose_table, device_key
 _SPLIT_TARGET_PER_SM = 2
 _MAX_SPLITS = 32
 _CLASS = re.compile(
-    r"(?P<kind>decode-q(?P<q>\d+)|mixed|prefill)(?:-p(?P<p>\d+))?-(?P<shape>g(?P<g>\d+)-d(?P<d>\d+))-pg(?P<page>\d+)")
+    r"(?P<kind>decode-q(?P<q>\d+)|mixed|prefill)(?:-p(?P<p>\d+))?-(?P<shape>g(?P<g>\d+)-d(?P<d>\d+))-pg(?P<page>\d+)"
+    r"(?P<fp8>-fp8)?")
 
 
 @dataclass(frozen=True)
@@ -87,19 +88,22 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def choose_config(
     device: torch.device, num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    page_size: int,
+    page_size: int, kv_fp8: bool = False,
 ) -> AttentionConfig:
-    """The tuned configuration for this batch's problem class on this device, else one derived from its shape."""
-    tuned = lookup_tuned(device, problem_class(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size))
+    """The tuned configuration for this batch's problem class on this device (K/V pages in fp8 with `kv_fp8`), else
+    one derived from its shape."""
+    cls = problem_class(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size, kv_fp8)
+    tuned = lookup_tuned(device, cls)
     if tuned is not None:
         return tuned
-    return default_config(device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
+    return default_config(device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, kv_fp8)
 
 
 def default_config(
     device: torch.device, num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    kv_fp8: bool = False,
 ) -> AttentionConfig:
-    """A configuration derived from the batch shape and the device's multiprocessor count alone."""
+    """A configuration derived from the batch shape, the K/V pages' dtype and the device's multiprocessor count."""
     group = num_q_heads // num_kv_heads
     tokens_per_seq = max(1, -(-num_tokens // max(num_seqs, 1)))
     rows = triton.next_power_of_2(group * tokens_per_seq)
@@ -110,7 +114,10 @@ def default_config(
                                num_splits=_splits(device, num_tokens, num_seqs, num_kv_heads, group))
     if rows <= 16 and group <= 16:
         splits = _splits(device, num_tokens, num_seqs, num_kv_heads, group)
-        return AttentionConfig(block_m=16, tile_k=64 if not large_head else 32, num_splits=splits,
+        # fp8 pages: 128-key tiles. On the H200 (8B heads, 64 x 8k decode) they ran 0.37 ms where 64-key ones took
+        # 0.49 ms; a byte per value halves what a tile's load brings in (docs/benchmarks.md).
+        tile_k = (128 if kv_fp8 else 64) if not large_head else 32
+        return AttentionConfig(block_m=16, tile_k=tile_k, num_splits=splits,
                                num_warps=4, num_stages=3 if not large_head else 2)
     block_m = max(64 if large_head else 128, triton.next_power_of_2(group))
     return AttentionConfig(block_m=block_m, tile_k=64 if not large_head else 32, num_splits=1,
@@ -120,16 +127,19 @@ def default_config(
 
 def problem_class(
     num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+    kv_fp8: bool = False,
 ) -> str:
-    """The key under which tuned configs are stored, e.g. `decode-q1-p512-g4-d128-pg16` or `prefill-g4-d128-pg64`.
+    """The key under which tuned configs are stored, e.g. `decode-q1-p512-g4-d128-pg16` or `prefill-g4-d128-pg64`
+    (`...-pg16-fp8` over fp8 K/V pages).
 
     Decode-like batches (at most 8 query tokens per sequence) are keyed by query tokens per sequence and by
     the count of (sequence, KV head) programs, which decides how far keys should be split. The page size is
-    part of the key because tiles that fit in a page take a different (contiguous) load path.
+    part of the key because tiles that fit in a page take a different (contiguous) load path, and the pages' dtype
+    because fp8 pages want other tiles (the best bf16 decode config ran 64 x 8k fp8 pages 1.5x slower than their own).
     """
     group = num_q_heads // num_kv_heads
     per_seq = -(-num_tokens // max(num_seqs, 1))
-    shape = f"g{group}-d{triton.next_power_of_2(head_dim)}-pg{page_size}"
+    shape = f"g{group}-d{triton.next_power_of_2(head_dim)}-pg{page_size}{'-fp8' if kv_fp8 else ''}"
     if per_seq <= 8:
         programs = triton.next_power_of_2(max(1, num_seqs * num_kv_heads))
         return f"decode-q{triton.next_power_of_2(per_seq)}-p{programs}-{shape}"
@@ -138,7 +148,8 @@ def problem_class(
 
 def class_fields(cls: str) -> dict[str, str | None]:
     """The parts of a problem-class key: kind, q (query tokens per sequence, decode), p (programs, decode), shape,
-    g (group), d (head size), page. Raises ValueError for a key not of that form."""
+    g (group), d (head size), page, fp8 ("-fp8" for fp8 K/V pages, else None). Raises ValueError for a key not of
+    that form."""
     m = _CLASS.fullmatch(cls)
     if m is None:
         raise ValueError(f"not a problem class: {cls!r}")
@@ -234,14 +245,15 @@ def _scaled(fields: dict, key: str, cls: str, sm_ratio: float) -> AttentionConfi
 
 
 def _nearest_class(table: dict[str, dict], cls: str) -> str | None:
-    """The table's class of the same kind and shape as `cls` at the nearest page size, then program count."""
+    """The table's class of the same kind, shape and page dtype as `cls` at the nearest page size, then program
+    count."""
     wanted = _CLASS.fullmatch(cls)
     if wanted is None:
         return None
     near = []
     for key in table:
         m = _CLASS.fullmatch(key)
-        if m is None or (m["kind"], m["shape"]) != (wanted["kind"], wanted["shape"]):
+        if m is None or (m["kind"], m["shape"], m["fp8"]) != (wanted["kind"], wanted["shape"], wanted["fp8"]):
             continue
         page_distance = abs(math.log2(int(m["page"]) / int(wanted["page"])))
         program_distance = abs(math.log2(int(m["p"]) / int(wanted["p"]))) if m["p"] else 0.0

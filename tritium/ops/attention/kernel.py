@@ -27,7 +27,8 @@ fp8 (e4m3). K/V pages in fp8 are dequantized by per-tensor scales (K's folded in
 the output). An fp8 query comes with its per-tensor scale; the dots then take DOT_DTYPE operands: fp8 themselves
 where K/V are fp8 too and the device has fp8 tensor cores (P, in [0, 1], is scaled by P_FP8_SCALE into e4m3's
 normal range first and the output scaled back), else the K/V dtype or a 16/32-bit type the query converts to
-exactly. An fp8 output is the result divided by its scale, saturated to +-448 (vLLM's fused output quantisation).
+exactly. A bfloat16 query over fp8 K/V takes float16 dots (`unified.dot_dtype` says why), clamped to its range. An
+fp8 output is the result divided by its scale, saturated to +-448 (vLLM's fused output quantisation).
 """
 
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ def unified_attention_kernel(
     TILE_IN_PAGE: tl.constexpr, PAGE_LOOKAHEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr, KV_SCALED: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-    Q_SCALED: tl.constexpr, OUT_SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q_SCALED: tl.constexpr, OUT_SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_CLAMP: tl.constexpr,
 ):
     tile_slot = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -210,7 +211,9 @@ def unified_attention_kernel(
         q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
     else:
         q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    q = q.to(DOT_DTYPE)  # q's own dtype but for an fp8 query without fp8 dots: then exact (fp8 fits 16 bits)
+    if Q_CLAMP:  # a bfloat16 query for float16 dots (over fp8 K/V): saturate instead of overflowing to inf
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(DOT_DTYPE)  # exact but for Q_CLAMP's rounding to float16 (an fp8 query fits 16 bits)
 
     qk_scale = softmax_scale
     if Q_SCALED:

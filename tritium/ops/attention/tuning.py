@@ -35,6 +35,7 @@ from tritium.ops.attention.configs import (
 )
 from tritium.ops.attention.unified import unified_attention, window_size
 from tritium.ops.devices import device_key
+from tritium.ops.kv_cache import FP8_KV_DTYPE
 from tritium.ops.timing import median_ms
 
 
@@ -73,6 +74,7 @@ class CompileJob:
     page_size: int
     dtype: torch.dtype
     device: str
+    kv_dtype: torch.dtype | None = None  # the pages' dtype where it is not `dtype` (fp8)
 
 
 def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = False) -> list[AttentionConfig]:
@@ -103,19 +105,20 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
 def tune_classes(
     classes: dict[str, list[Problem]], page_size: int, dtype: torch.dtype, cache: Path | None = None,
     budget_s: float | None = None, clock: Callable[[], float] | None = None, desc: str = "tuning",
-    workers: bool = True,
+    workers: bool = True, kv_dtype: torch.dtype | None = None,
 ) -> dict[str, dict]:
-    """Tune each class on its problems, in order, and merge each winner into the user cache (`cache`, default the
-    one the kernel reads) as soon as it is found. With `budget_s`, no class is started once that many seconds have
-    passed since the call (by `clock`, default time.monotonic), and compiling ahead stops at the budget too; the
-    classes left keep the configs they had. With `workers` False nothing is compiled ahead in worker processes.
-    Returns {class: config fields} of the tuned ones."""
+    """Tune each class on its problems, in order, and merge each winner into the user cache (`cache`, default the one
+    the kernel reads) as soon as it is found; K/V pages in `kv_dtype` (fp8 classes) or, by default, `dtype`.
+    With `budget_s`, no class is started once that many seconds have passed since the call (by `clock`, default
+    time.monotonic), and compiling ahead stops at the budget too; the classes left keep the configs they had.
+    With `workers` False nothing is compiled ahead in worker processes. Returns {class: config fields} of the
+    tuned ones."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     clock = clock or time.monotonic
     start = clock()
     left = (lambda: budget_s - (clock() - start)) if budget_s is not None else (lambda: math.inf)
     if device.type == "cuda" and workers:
-        precompile(compile_jobs(classes, page_size, dtype, device), timeout_s=left())
+        precompile(compile_jobs(classes, page_size, dtype, device, kv_dtype), timeout_s=left())
     path = cache or user_cache_path()
     sms = multiprocessor_count(device)
     winners: dict[str, dict] = {}
@@ -124,8 +127,8 @@ def tune_classes(
             tqdm.write(f"{desc}: time budget of {budget_s:.0f} s spent; {len(classes) - len(winners)} classes left "
                        "untuned (they keep their current configs)")
             break
-        runs = _runs(members, page_size, dtype, device)
-        default = _default(members[0], device)
+        runs = _runs(members, page_size, dtype, device, kv_dtype)
+        default = _default(members[0], device, kv_dtype == FP8_KV_DTYPE)
         top, best_ms = _search(runs, first_candidates(cls, members, device), keep=LOOKAHEAD_TRIES)
         best = top[0]
         if cls.startswith("decode-"):
@@ -149,12 +152,12 @@ def tune_classes(
     return winners
 
 
-def problem_classes(problems: list[Problem], page_size: int) -> dict[str, list[Problem]]:
-    """The problems grouped by problem class, in their order."""
+def problem_classes(problems: list[Problem], page_size: int, kv_fp8: bool = False) -> dict[str, list[Problem]]:
+    """The problems grouped by problem class (over fp8 K/V pages with `kv_fp8`), in their order."""
     classes: dict[str, list[Problem]] = defaultdict(list)
     for p in problems:
         tokens = sum(q for q, _ in p.seqs)
-        cls = problem_class(tokens, len(p.seqs), p.num_q_heads, p.num_kv_heads, p.head_size, page_size)
+        cls = problem_class(tokens, len(p.seqs), p.num_q_heads, p.num_kv_heads, p.head_size, page_size, kv_fp8)
         classes[cls].append(p)
     return classes
 
@@ -163,12 +166,13 @@ def first_candidates(cls: str, members: list[Problem], device: torch.device) -> 
     """The candidates the search times first for a class: what is precompiled, and what decode classes'
     lookahead and split searches then vary."""
     sc0 = members[0]
-    return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, _default(sc0, device).num_splits,
-                      has_tma(device))
+    default = _default(sc0, device, class_fields(cls)["fp8"] is not None)
+    return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, default.num_splits, has_tma(device))
 
 
 def compile_jobs(
     classes: dict[str, list[Problem]], page_size: int, dtype: torch.dtype, device: torch.device,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[CompileJob]:
     """Every class's first candidates in jobs of CONFIGS_PER_JOB, ordered chunk by chunk across the classes, so
     that every class has its first configs compiled early."""
@@ -177,7 +181,7 @@ def compile_jobs(
         configs = first_candidates(cls, members, device)
         for rank, start in enumerate(range(0, len(configs), CONFIGS_PER_JOB)):
             chunk = tuple(configs[start : start + CONFIGS_PER_JOB])
-            ranked.append((rank, CompileJob(tuple(members), chunk, page_size, dtype, str(device))))
+            ranked.append((rank, CompileJob(tuple(members), chunk, page_size, dtype, str(device), kv_dtype)))
     return [job for _, job in sorted(ranked, key=lambda r: r[0])]
 
 
@@ -219,7 +223,7 @@ def precompile(jobs: list, timeout_s: float = math.inf, compile_fn: Callable[[An
 def compile_job(job: CompileJob) -> int:
     """Launch each config of the job once per member problem, on a one-token batch that compiles the problem's
     kernel specialisation (`compile_args`); returns how many configs launched."""
-    launches = [compile_args(p, job.page_size, job.dtype, job.device) for p in job.members]
+    launches = [compile_args(p, job.page_size, job.dtype, job.device, job.kv_dtype) for p in job.members]
     launched = 0
     for config in job.configs:
         try:
@@ -231,14 +235,15 @@ def compile_job(job: CompileJob) -> int:
     return launched
 
 
-def compile_args(p: Problem, page_size: int, dtype: torch.dtype, device: str | torch.device) -> tuple:
+def compile_args(p: Problem, page_size: int, dtype: torch.dtype, device: str | torch.device,
+                 kv_dtype: torch.dtype | None = None) -> tuple:
     """`unified_attention`'s arguments for one query token that Triton specialises as it does the problem's own
     launch: the same heads, head size, page size, dtype and window, and a block table whose row stride is, like
     the problem's, 1, a multiple of 16 or neither. Compiling then needs no full-size batch (decode b32 at 32k
     context is 4.3 GB, and up to 16 workers compile at once)."""
     width = max(-(-ctx // page_size) for _, ctx in p.seqs)
     batch = random_paged_batch([(1, 1)], p.num_q_heads, p.num_kv_heads, p.head_size, page_size, dtype=dtype,
-                               device=device)
+                               device=device, kv_dtype=kv_dtype)
     table = torch.zeros(1, _same_specialisation(width), dtype=torch.int32, device=batch.q.device)
     table[0, 0] = batch.block_table[0, 0]  # the one page that holds a key
     batch.block_table = table
@@ -276,19 +281,20 @@ def _geomean(values: list[float]) -> float:
 
 def _runs(
     members: list[Problem], page_size: int, dtype: torch.dtype, device: str | torch.device,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[tuple[PagedBatch, Problem, tuple]]:
     """Each problem's batch, with the arguments of the timed launches on it."""
     runs = []
     for p in members:
         batch = random_paged_batch(list(p.seqs), p.num_q_heads, p.num_kv_heads, p.head_size, page_size,
-                                   dtype=dtype, device=device)
+                                   dtype=dtype, device=device, kv_dtype=kv_dtype)
         runs.append((batch, p, batch.kernel_args(torch.empty_like(batch.q), window_size=p.window_size)))
     return runs
 
 
-def _default(p: Problem, device: torch.device) -> AttentionConfig:
+def _default(p: Problem, device: torch.device, kv_fp8: bool = False) -> AttentionConfig:
     return default_config(device, sum(q for q, _ in p.seqs), len(p.seqs), p.num_q_heads, p.num_kv_heads,
-                          p.head_size)
+                          p.head_size, kv_fp8)
 
 
 def _time(fn) -> float:

@@ -173,7 +173,8 @@ def plan_launch(
     if num_tokens == 0 or num_seqs == 0:
         return None
     if config is None:
-        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size)
+        config = choose_config(q.device, num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
+                               kv_fp8=k.dtype == FP8_KV_DTYPE)
     group = num_q_heads // num_kv_heads
     config.validate(group)
     head_dim_pad = triton.next_power_of_2(head_dim)
@@ -186,6 +187,7 @@ def plan_launch(
         TILE_IN_PAGE=page_size % config.tile_k == 0, PAGE_LOOKAHEAD=config.page_lookahead == 1,
         # float32 inputs are for checking: exact products, not TF32's 10-bit mantissas
         DOT_PRECISION="ieee" if dots == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dots],
+        Q_CLAMP=q.dtype == torch.bfloat16 and dots == torch.float16,
         Q_SCALED=q.dtype == FP8_KV_DTYPE, OUT_SCALED=out.dtype == FP8_KV_DTYPE,
         SPLIT_KEYS=splits > 1, CAUSAL=bool(causal), USE_WINDOW=window != (-1, -1), USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi, USE_SINKS=sinks, KV_SCALED=k.dtype == FP8_KV_DTYPE, WRITE_LSE=bool(return_lse),
@@ -201,15 +203,21 @@ def plan_launch(
 
 
 def dot_dtype(q: torch.Tensor, k: torch.Tensor, config: AttentionConfig) -> torch.dtype:
-    """The dtype of both dots' operands: q's, but for an fp8 query: fp8 where K/V are fp8 too, `config.fp8_dot` is on,
-    the device has fp8 tensor cores, the head size and key tile are at least their 32-wide step and the tile has 64
-    rows or more; the K/V dtype where it is not fp8; else bfloat16 on a GPU and float32 in the interpreter (which
-    computes bfloat16 dots wrongly). An fp8 query converts to each of them exactly.
+    """The dtype of both dots' operands.
+
+    A 16/32-bit query over 16/32-bit K/V: q's. A bfloat16 query over fp8 K/V: float16, which holds every e4m3 value
+    and P exactly, and a bfloat16 query to within float16's range (the kernel clamps it there): sm_89+ converts fp8
+    to float16 in one instruction and to bfloat16 only through float32. On the H200 that took an 8B-head decode over
+    fp8 pages (64 x 8k) from 0.52 to 0.37 ms, each at its best config (docs/benchmarks.md). An fp8 query: fp8 where
+    K/V are fp8 too, `config.fp8_dot` is on, the device has fp8 tensor cores, the head size and key tile are at
+    least their 32-wide step and the tile has 64 rows or more; the K/V dtype where it is not fp8; else bfloat16 on a
+    GPU and float32 in the interpreter (which computes bfloat16 dots wrongly). An fp8 query converts to each of them
+    exactly.
 
     Below 64 rows (decode tiles) Triton's Hopper dot is mma.sync, which it gives fp8 operands converted to fp16
     (sm_90 PTX of a 16-row tile: m16n8k16 f16), so fp8 there would only round P; from 64 rows it is wgmma on e4m3."""
     if q.dtype != FP8_KV_DTYPE:
-        return q.dtype
+        return torch.float16 if q.dtype == torch.bfloat16 and k.dtype == FP8_KV_DTYPE else q.dtype
     if k.dtype != FP8_KV_DTYPE:
         return k.dtype
     if (config.fp8_dot and has_fp8_dots(q.device) and q.shape[2] > 16 and config.tile_k >= 32
