@@ -74,13 +74,14 @@ def test_user_cache_skips_malformed_entries(cache_dir):
 def test_sibling_table(cache_dir, monkeypatch):
     """A device with no entries of its own runs its nearest same-architecture sibling's; with some, its own exact
     entry, then the sibling's exact one, then the nearest token count in either."""
-    h100, h200 = "nvidia:NVIDIA H100 80GB HBM3:cc90:sm132", "nvidia:NVIDIA H200:cc90:sm132"
-    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)}})
-    monkeypatch.setattr(configs, "device_key", lambda device: h200)
+    # Keys of an architecture the shipped table has no entries for, so that only the user cache's count.
+    sibling, device = "nvidia:NVIDIA A100-SXM4-80GB:cc80:sm108", "nvidia:NVIDIA A800-SXM4-80GB:cc80:sm108"
+    write_cache(cache_dir, {sibling: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)}})
+    monkeypatch.setattr(configs, "device_key", lambda _: device)
     assert configs.table_choice(CPU).source == "sibling"
     assert configs.choose_config(CPU, 16, 8, 2, 4096, 14336) == MoEConfig.from_dict(entry(32))
-    write_cache(cache_dir, {h100: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)},
-                            h200: {f"moe-{SHAPE}-t1": entry(16)}})
+    write_cache(cache_dir, {sibling: {f"moe-{SHAPE}-t16": entry(32), f"moe-{SHAPE}-t4096": entry(128)},
+                            device: {f"moe-{SHAPE}-t1": entry(16)}})
     assert configs.choose_config(CPU, 1, 8, 2, 4096, 14336).gate_up.block_m == 16  # own
     assert configs.choose_config(CPU, 16, 8, 2, 4096, 14336).gate_up.block_m == 32  # the sibling's exact entry
     assert configs.choose_config(CPU, 2048, 8, 2, 4096, 14336).gate_up.block_m == 128  # the sibling's t4096
