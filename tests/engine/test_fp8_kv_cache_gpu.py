@@ -69,14 +69,24 @@ def _generate(prompts: list[list[int]], **options) -> tuple[list[list[int]], LLM
 
 
 def test_demo_model_fp8_agrees_with_bf16(demo_prompts):
-    """32 prompts x 48 greedy tokens on the GPU (bfloat16 model, Triton kernel, CUDA graphs): fp8 pages with scales
-    1.0 and with measured scales agree with bfloat16 pages on at least 60% of the tokens (on the CPU, float32,
-    16 x 16, fp8 agreed on 100%; a greedy text parts from the other at its first close call and the
-    position-by-position count falls after it, so the floor is lower than the per-token agreement)."""
+    """bfloat16 pages' greedy texts (32 prompts x 48 tokens, bfloat16 model, Triton kernel, CUDA graphs) fed back as
+    prompts to engines on fp8 pages, scales 1.0 and measured: the token bfloat16 chose is fp8's likeliest
+    (prompt_logprobs rank 1) at >= 90% of the generated positions. Teacher-forced, as docs/benchmarks.md measures it
+    (CPU, bfloat16: 96.6-96.7%); free-running texts part at their first close call (40-46% of positions agreed
+    there), which says little about the cache."""
     base, _ = _generate(demo_prompts)
+    texts = [p + b for p, b in zip(demo_prompts, base, strict=True)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     for options in ({}, {"calculate_kv_scales": True}):
-        fp8, _ = _generate(demo_prompts, kv_cache_dtype="fp8", **options)
-        assert agreement(fp8, base) >= 0.6, options
+        llm = LLM(default_model_path(), skip_tokenizer_init=True, auto_tune=False, kv_cache_dtype="fp8",
+                  enable_prefix_caching=False, **options)
+        outs = llm.generate([{"prompt_token_ids": t} for t in texts], params, use_tqdm=False)
+        ranks = [out.prompt_logprobs[i][text[i]].rank for prompt, text, out in zip(demo_prompts, texts, outs)
+                 for i in range(len(prompt), len(text))]
+        assert len(ranks) == 48 * len(demo_prompts)
+        assert sum(r == 1 for r in ranks) / len(ranks) >= 0.9, options
+        del llm
+        torch.cuda.empty_cache()
 
 
 def test_demo_model_fp8_prefix_hits_and_preemption(demo_prompts):
