@@ -90,7 +90,7 @@ def test_fp8_pages_tune_their_own_classes_on_fp8_batches(cache, stub_timer, monk
     monkeypatch.setattr(tuning, "random_paged_batch", lambda *a, **k: seen.append(k.get("kv_dtype")) or real(*a, **k))
     fp8 = torch.float8_e4m3fn
     assert list(at.missing_classes(CPU, **SHAPE, kv_fp8=True)) == [c + "-fp8" for c in CLASSES]
-    tuned = at.auto_tune(CPU, torch.float32, **SHAPE, kv_dtype=fp8, budget_s=100, clock=Clock())
+    tuned = at.auto_tune(CPU, torch.float32, **SHAPE, kv_fp8=True, budget_s=100, clock=Clock())
     assert list(tuned) == [c + "-fp8" for c in CLASSES]
     assert seen and set(seen) == {fp8}
     assert set(json.loads(cache.read_text())["cpu"]) == set(tuned)

@@ -11,7 +11,6 @@ from tritium.bench.scenarios import load_scenarios, select_scenarios
 from tritium.ops.attention.configs import user_cache_path
 from tritium.ops.attention.tuning import problem_classes, tune_classes
 from tritium.ops.devices import device_key
-from tritium.ops.kv_cache import FP8_KV_DTYPE
 from tritium.ops.moe import configs as moe_configs
 from tritium.ops.moe.tuning import TOKENS, tune_shapes
 
@@ -25,7 +24,7 @@ def tune(
     if not torch.cuda.is_available():
         raise RuntimeError("tritium tune needs a GPU: the interpreter's timings say nothing about a device")
     classes = problem_classes(select_scenarios(load_scenarios(), scenario_names), page_size, kv_fp8)
-    winners = tune_classes(classes, page_size, dtype, cache, kv_dtype=FP8_KV_DTYPE if kv_fp8 else None)
+    winners = tune_classes(classes, page_size, dtype, cache)
     print(f"wrote {len(winners)} tuned configs for {device_key(torch.device('cuda'))} to {cache or user_cache_path()}")
     return winners
 

@@ -15,7 +15,6 @@ import torch
 from tritium.engine.warm_up import step_shapes
 from tritium.ops.attention.configs import class_fields, problem_class, table_choice
 from tritium.ops.attention.tuning import Problem, tune_classes
-from tritium.ops.kv_cache import FP8_KV_DTYPE
 
 BUDGET_S = 90.0  # the whole auto-tune, compiles included, at engine start
 # Keys per sequence in the problems a decode or mixed class is tuned on (capped by max_model_len). One config serves
@@ -57,14 +56,14 @@ def missing_classes(device: torch.device, max_num_batched_tokens: int, max_num_s
 
 def auto_tune(device: torch.device, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int,
               num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int, max_model_len: int,
-              sliding_window: int | None = None, kv_dtype: torch.dtype | None = None, budget_s: float = BUDGET_S,
+              sliding_window: int | None = None, kv_fp8: bool = False, budget_s: float = BUDGET_S,
               clock: Callable[[], float] | None = None) -> dict[str, dict]:
-    """Tune the missing classes (`missing_classes`; K/V pages in `kv_dtype`, default `dtype`) within `budget_s` and
-    cache the winners in the user's cache;
+    """Tune the missing classes (`missing_classes`; over fp8 K/V pages with `kv_fp8`) within `budget_s` and cache
+    the winners in the user's cache;
     returns {class: config fields} of those tuned (`clock` times the budget: time.monotonic by default). Says in
     the log which table the device runs with."""
     classes = missing_classes(device, max_num_batched_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
-                              page_size, max_model_len, sliding_window, kv_dtype == FP8_KV_DTYPE)
+                              page_size, max_model_len, sliding_window, kv_fp8)
     if not classes:
         log.info("attention configs: %s; it covers every class this engine's steps can run", table_choice(device)
                  .describe())
@@ -74,7 +73,7 @@ def auto_tune(device: torch.device, dtype: torch.dtype, max_num_batched_tokens: 
     # No compile workers: spawned processes re-import the main module, which re-runs a user's script that has no
     # `if __name__ == "__main__"` guard (seen on the H200: every worker started an engine of its own).
     winners = tune_classes(classes, page_size, dtype, budget_s=budget_s, clock=clock, desc="auto-tuning attention",
-                           workers=False, kv_dtype=kv_dtype)
+                           workers=False)
     log.info("auto-tune cached %d of %d classes; attention configs now: %s", len(winners), len(classes),
              table_choice(device).describe())
     return winners

@@ -88,8 +88,7 @@ def tune_attention(model: LlamaForCausalLM, config: EngineConfig, max_model_len:
     shape = (config.max_num_batched_tokens, config.max_num_seqs, attn.num_heads, attn.num_kv_heads, attn.head_dim,
              config.block_size, max_model_len, attn.sliding_window)
     if auto_tune_enabled(config.auto_tune):
-        dtype = model.lm_head.weight.dtype
-        auto_tune(device, dtype, *shape, kv_dtype=config.torch_kv_dtype(dtype))
+        auto_tune(device, model.lm_head.weight.dtype, *shape, kv_fp8=config.kv_cache_dtype != "auto")
     else:
         log.info("attention configs: %s (auto-tune off)", table_choice(device).describe())
 

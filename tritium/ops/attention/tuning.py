@@ -105,10 +105,10 @@ def candidates(cls: str, group: int, head_dim: int, splits: int, tma: bool = Fal
 def tune_classes(
     classes: dict[str, list[Problem]], page_size: int, dtype: torch.dtype, cache: Path | None = None,
     budget_s: float | None = None, clock: Callable[[], float] | None = None, desc: str = "tuning",
-    workers: bool = True, kv_dtype: torch.dtype | None = None,
+    workers: bool = True,
 ) -> dict[str, dict]:
     """Tune each class on its problems, in order, and merge each winner into the user cache (`cache`, default the one
-    the kernel reads) as soon as it is found; K/V pages in `kv_dtype` (fp8 classes) or, by default, `dtype`.
+    the kernel reads) as soon as it is found; K/V pages in fp8 for `-fp8` classes, else in `dtype`.
     With `budget_s`, no class is started once that many seconds have passed since the call (by `clock`, default
     time.monotonic), and compiling ahead stops at the budget too; the classes left keep the configs they had.
     With `workers` False nothing is compiled ahead in worker processes. Returns {class: config fields} of the
@@ -118,7 +118,7 @@ def tune_classes(
     start = clock()
     left = (lambda: budget_s - (clock() - start)) if budget_s is not None else (lambda: math.inf)
     if device.type == "cuda" and workers:
-        precompile(compile_jobs(classes, page_size, dtype, device, kv_dtype), timeout_s=left())
+        precompile(compile_jobs(classes, page_size, dtype, device), timeout_s=left())
     path = cache or user_cache_path()
     sms = multiprocessor_count(device)
     winners: dict[str, dict] = {}
@@ -127,8 +127,8 @@ def tune_classes(
             tqdm.write(f"{desc}: time budget of {budget_s:.0f} s spent; {len(classes) - len(winners)} classes left "
                        "untuned (they keep their current configs)")
             break
-        runs = _runs(members, page_size, dtype, device, kv_dtype)
-        default = _default(members[0], device, kv_dtype == FP8_KV_DTYPE)
+        runs = _runs(members, page_size, dtype, device, pages_dtype(cls))
+        default = _default(members[0], device, pages_dtype(cls) is not None)
         top, best_ms = _search(runs, first_candidates(cls, members, device), keep=LOOKAHEAD_TRIES)
         best = top[0]
         if cls.startswith("decode-"):
@@ -162,17 +162,21 @@ def problem_classes(problems: list[Problem], page_size: int, kv_fp8: bool = Fals
     return classes
 
 
+def pages_dtype(cls: str) -> torch.dtype | None:
+    """The K/V pages' dtype a class is tuned on where it is not the query's: fp8 for `-fp8` classes."""
+    return FP8_KV_DTYPE if class_fields(cls)["fp8"] else None
+
+
 def first_candidates(cls: str, members: list[Problem], device: torch.device) -> list[AttentionConfig]:
     """The candidates the search times first for a class: what is precompiled, and what decode classes'
     lookahead and split searches then vary."""
     sc0 = members[0]
-    default = _default(sc0, device, class_fields(cls)["fp8"] is not None)
+    default = _default(sc0, device, pages_dtype(cls) is not None)
     return candidates(cls, sc0.num_q_heads // sc0.num_kv_heads, sc0.head_size, default.num_splits, has_tma(device))
 
 
 def compile_jobs(
     classes: dict[str, list[Problem]], page_size: int, dtype: torch.dtype, device: torch.device,
-    kv_dtype: torch.dtype | None = None,
 ) -> list[CompileJob]:
     """Every class's first candidates in jobs of CONFIGS_PER_JOB, ordered chunk by chunk across the classes, so
     that every class has its first configs compiled early."""
@@ -181,7 +185,8 @@ def compile_jobs(
         configs = first_candidates(cls, members, device)
         for rank, start in enumerate(range(0, len(configs), CONFIGS_PER_JOB)):
             chunk = tuple(configs[start : start + CONFIGS_PER_JOB])
-            ranked.append((rank, CompileJob(tuple(members), chunk, page_size, dtype, str(device), kv_dtype)))
+            ranked.append((rank, CompileJob(tuple(members), chunk, page_size, dtype, str(device),
+                                            pages_dtype(cls))))
     return [job for _, job in sorted(ranked, key=lambda r: r[0])]
 
 
