@@ -59,9 +59,8 @@ def auto_tune(device: torch.device, dtype: torch.dtype, max_num_batched_tokens: 
               sliding_window: int | None = None, kv_fp8: bool = False, budget_s: float = BUDGET_S,
               clock: Callable[[], float] | None = None) -> dict[str, dict]:
     """Tune the missing classes (`missing_classes`; over fp8 K/V pages with `kv_fp8`) within `budget_s` and cache
-    the winners in the user's cache;
-    returns {class: config fields} of those tuned (`clock` times the budget: time.monotonic by default). Says in
-    the log which table the device runs with."""
+    the winners in the user's cache; returns {class: config fields} of those tuned (`clock` times the budget:
+    time.monotonic by default). Says in the log which table the device runs with."""
     classes = missing_classes(device, max_num_batched_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
                               page_size, max_model_len, sliding_window, kv_fp8)
     if not classes:
