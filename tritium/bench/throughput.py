@@ -70,13 +70,7 @@ def run_throughput_bench(
         raise RuntimeError("tritium bench throughput needs a GPU (--device cpu runs it on the CPU: a check of the "
                            "code path, not a measurement)")
     device, tp = config.torch_device(), config.tensor_parallel_size
-    source: Path | ModelConfig
-    if model in MODEL_SHAPES:
-        raw_config = {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
-        source = shape_config(model)
-    else:
-        source = resolve_model(model, config.revision)
-        raw_config = json.loads((source / "config.json").read_text())
+    source, raw_config = _model_source(model, config.revision)
     if single:
         workload = Workload(1, workload.input_len, workload.output_len, workload.seed)
     env = describe_environment(device)
@@ -89,26 +83,7 @@ def run_throughput_bench(
     _warm_up(engine, requests)
     sizes = engine.runner.sizes()  # of the rank that reads the most; an fp8 cache's K/V bytes are half
     kv_dtype = config.torch_kv_dtype(config.torch_dtype(device))
-
-    steps, start = [], time.perf_counter()
-    for i, (ids, n_out) in enumerate(requests):
-        engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True), str(i))
-    with tqdm(total=len(requests), desc="generating", unit="request") as bar:
-        t0 = start
-        while engine.has_unfinished():
-            finished = engine.step()
-            # From the last step's tokens on the host to this one's: no sync between, the next decode is queued.
-            t1 = time.perf_counter()
-            ms, t0 = (t1 - t0) * 1e3, t1
-            s = engine.last_step
-            row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
-            if row["decode_only"]:
-                weights = sizes["weight_bytes"] + sizes["expert_bytes"] * active_expert_share(cfg, s.num_seqs)
-                read = weights + s.context_tokens * sizes["kv_bytes_per_token"]
-                row["roofline"] = read / (ceilings["copy_tb_per_s"] * 1e9) / ms
-            steps.append(row)
-            bar.update(len(finished))
-    elapsed = time.perf_counter() - start
+    steps, elapsed = _timed_steps(engine, requests, sizes, ceilings["copy_tb_per_s"])
     decode = [r for r in steps if r["decode_only"]]
     if tp > 1 and decode:
         _all_reduce_shares(engine, decode)
@@ -152,6 +127,41 @@ def run_throughput_bench(
     plot_step_roofline(steps, f"{model} on {env['card']} ({env['commit']})", out_dir / f"{name}.png")
     print(f"wrote {out_dir / name}.json and .png")
     return report
+
+
+def _model_source(model: str, revision: str | None) -> tuple[Path | ModelConfig, dict]:
+    """What the engine loads (a model shape's config with random weights, or a resolved folder) and the raw
+    config.json fields the transformers peer is built from."""
+    if model in MODEL_SHAPES:
+        return shape_config(model), {**MODEL_SHAPES[model], "torch_dtype": "bfloat16"}
+    source = resolve_model(model, revision)
+    return source, json.loads((source / "config.json").read_text())
+
+
+def _timed_steps(engine: LLMEngine, requests: list[tuple[list[int], int]], sizes: dict,
+                 copy_tb_per_s: float) -> tuple[list[dict], float]:
+    """Run the requests to the end; each step's row (ms, sequences, tokens, and for a decode-only step its share of
+    the roofline) and the seconds the whole run took."""
+    cfg = engine.model_config
+    steps, start = [], time.perf_counter()
+    for i, (ids, n_out) in enumerate(requests):
+        engine.add_request(ids, SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True), str(i))
+    with tqdm(total=len(requests), desc="generating", unit="request") as bar:
+        t0 = start
+        while engine.has_unfinished():
+            finished = engine.step()
+            # From the last step's tokens on the host to this one's: no sync between, the next decode is queued.
+            t1 = time.perf_counter()
+            ms, t0 = (t1 - t0) * 1e3, t1
+            s = engine.last_step
+            row = {"ms": ms, "seqs": s.num_seqs, "tokens": s.num_tokens, "decode_only": s.num_tokens == s.num_seqs}
+            if row["decode_only"]:
+                weights = sizes["weight_bytes"] + sizes["expert_bytes"] * active_expert_share(cfg, s.num_seqs)
+                read = weights + s.context_tokens * sizes["kv_bytes_per_token"]
+                row["roofline"] = read / (copy_tb_per_s * 1e9) / ms
+            steps.append(row)
+            bar.update(len(finished))
+    return steps, time.perf_counter() - start
 
 
 def _all_reduce_shares(engine: LLMEngine, decode: list[dict]) -> None:
