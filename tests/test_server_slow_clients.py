@@ -128,7 +128,10 @@ def test_malformed_http_key_and_size_before_the_body_and_a_late_body_get_error_o
                 return data, time.monotonic() - start
 
         malformed, _ = answer(b"GET / HTTP/1.1 extra words\r\n\r\n")
-        huge_header, _ = answer(b"GET /health HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 100_000, then=b"\r\n\r\n")
+        # A megabyte of header: refused at h11's 16 KB while most of it is still unread or unsent. The server must
+        # read and drop the rest before it closes, or the kernel resets the connection under the client.
+        huge_header, _ = answer(b"GET /health HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 1_000_000,
+                                then=b"\r\n\r\n")
         head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         no_key, t_no_key = answer(head + b"content-length: 500\r\n\r\n{")
         too_big, t_too_big = answer(head + b"authorization: Bearer k\r\ncontent-length: 5000000\r\n\r\n{")

@@ -19,12 +19,17 @@ from tritium.server.async_engine import AsyncEngine
 from tritium.server.config import ServerConfig
 from tritium.server.protocol import error_body
 
+# How long a connection refused by the HTTP parser keeps reading (and dropping) what its client still sends before it
+# closes: closing with unread input makes the kernel answer with a reset, which can cost the client the error object.
+LINGER_S = 2.0
+
 
 class _Protocol(H11Protocol):
     """One connection. Set on the subclass `protocol_class` makes: `limits`."""
 
     limits: ServerConfig
     _header_timer: asyncio.TimerHandle | None = None
+    _draining = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -35,6 +40,10 @@ class _Protocol(H11Protocol):
             transport.close()
             return
         self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._draining:  # a refused request's rest is dropped (`_close_after_drain`)
+            super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -51,7 +60,22 @@ class _Protocol(H11Protocol):
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        self._close_after_drain()
+
+    def _close_after_drain(self) -> None:
+        """Close without a reset. A client may still be sending the request the parser refused (the rest of a 100 KB
+        header, say); closing at once with that input unread made the kernel reset the connection, and the client's
+        next send failed before it read the answer (seen in CI). So: end our side, drop what still arrives, and close
+        when the client does or after LINGER_S."""
+        self._draining = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
